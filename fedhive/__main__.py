@@ -1,0 +1,3 @@
+from fedhive.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The digits demo: a small PyTorch CNN federated over scikit-learn's digits data."""

@@ -1,0 +1,1 @@
+"""Helpers for the IntegratedClient, daemon and example tests."""

@@ -1,0 +1,191 @@
+"""Models far beyond the broker's packet limit, end to end, and an aggregator that keeps taking
+heartbeats while such a model streams through it (issue 9)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import ROOT, broker_settings, python_env, running_aggregator
+
+from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
+from agent.session import AgentSession
+from broker.process import MosquittoBroker
+from common.codec import Array
+from common.config import AgentConfig, AggregatorConfig
+from common.messages import (
+    AgentState,
+    AgentStatusMessage,
+    HeartbeatMessage,
+    encode_message,
+)
+from common.topics import Topics
+from common.transport import MqttTransport
+
+pytestmark = [pytest.mark.broker, pytest.mark.slow]
+
+
+def _agent_config(broker: MosquittoBroker, project: str, name: str) -> AgentConfig:
+    return AgentConfig(
+        agent_name=name,
+        aggr_ip=broker.host,
+        reg_port=broker.port,
+        project=project,
+        aggregator="a1",
+        heartbeat_interval=2.0,
+        ack_timeout=120,
+    )
+
+
+def _upload_base(broker: MosquittoBroker, project: str, model: dict[str, Array]) -> None:
+    AdminAgent(
+        aggregator_ip_address=broker.host,
+        reg_port=broker.port,
+        project=project,
+        timeout=120,
+        base_model=BaseModel("large", model, BaseModelConvFormat.numpy_format),
+    ).initialize()
+
+
+@pytest.mark.timeout(180)
+async def test_a_300_mb_model_goes_round_end_to_end(
+    fresh_broker: MosquittoBroker, project_name: str, tmp_path: Path
+) -> None:
+    # Prepare: 75M float32 (300 MB, 150 times the broker's 2 MB packet limit) and a small
+    # tensor; two agents add 1 and 3.
+    base = {
+        "w": np.random.default_rng(0).standard_normal(75_000_000, dtype=np.float32),
+        "b": np.arange(10, dtype=np.float32),
+    }
+    config = AggregatorConfig(
+        name="a1",
+        project=project_name,
+        broker=broker_settings(fresh_broker),
+        data_dir=tmp_path,
+        store=False,
+    )
+
+    async def train(session: AgentSession, delta: float) -> dict[str, Array]:
+        model = await session.wait_model(after=None, timeout=120)
+        local = {k: v + np.float32(delta) for k, v in model.tensors.items()}
+        ack = await session.submit(
+            local, round=1, num_samples=1.0, metrics={}, framework="numpy", ack_timeout=120
+        )
+        assert ack is not None
+        assert ack.status.value == "accepted"
+        return (await session.wait_model(after=0, timeout=120)).tensors
+
+    # Execute
+    with running_aggregator(config) as service:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [
+                await stack.enter_async_context(
+                    AgentSession(config=_agent_config(fresh_broker, project_name, name))
+                )
+                for name in ("big0", "big1")
+            ]
+            await asyncio.to_thread(_upload_base, fresh_broker, project_name, base)
+            got = await asyncio.gather(train(sessions[0], 1.0), train(sessions[1], 3.0))
+
+    # Assert: both agents have the exact mean of (base + 1) and (base + 3).
+    assert [r.round for r in service.results] == [1]
+    for name, array in base.items():
+        expected = (
+            ((array + np.float32(1)).astype(np.float64) + (array + np.float32(3))) / 2
+        ).astype(np.float32)
+        for tensors in got:
+            np.testing.assert_array_equal(tensors[name], expected)
+
+
+@pytest.mark.timeout(180)
+async def test_heartbeats_are_handled_within_100_ms_while_a_200_mb_model_streams(
+    fresh_broker: MosquittoBroker, project_name: str, tmp_path: Path
+) -> None:
+    # Prepare: a 200 MB model (50M float32). One agent process trains it; a second agent only
+    # sends heartbeats every 20 ms. Threshold 0.5: the first agent's model completes the round,
+    # so the window covers the upload, the aggregation and the new model's publication.
+    rows, cols = 5_000, 10_000
+    base = {"w": np.zeros((rows, cols), np.float32), "b": np.zeros(cols, np.float32)}
+    config = AggregatorConfig(
+        name="a1",
+        project=project_name,
+        broker=broker_settings(fresh_broker),
+        data_dir=tmp_path,
+        store=False,
+        threshold=0.5,
+    )
+    topics = Topics(project_name)
+    latencies: list[tuple[float, float]] = []  # (sent, handled - sent)
+
+    with running_aggregator(config) as service:
+        handle = service._on_heartbeat
+
+        async def timed(message: HeartbeatMessage) -> None:
+            latencies.append((message.ts, time.time() - message.ts))
+            await handle(message)
+
+        service._on_heartbeat = timed  # type: ignore[method-assign]
+        async with MqttTransport(settings=broker_settings(fresh_broker)) as beater:
+            online = AgentStatusMessage(
+                project=project_name, sender="beat", state=AgentState.ONLINE, aggregator="a1"
+            )
+            await beater.publish(topics.agent_status("beat"), encode_message(online), retain=True)
+
+            async def beat() -> None:
+                while True:
+                    message = HeartbeatMessage(project=project_name, sender="beat")
+                    await beater.publish(
+                        topics.agent_heartbeat("beat"), encode_message(message), qos=0
+                    )
+                    await asyncio.sleep(0.02)
+
+            beating = asyncio.create_task(beat())
+            log = (tmp_path / "trainer.log").open("wb")
+            trainer = subprocess.Popen(  # noqa: ASYNC220 - started here, awaited below
+                [
+                    sys.executable,
+                    str(ROOT / "tests" / "agents" / "numpy_agent.py"),
+                    *("--port", str(fresh_broker.port), "--project", project_name),
+                    *("--name", "trainer", "--rounds", "1", "--ack-timeout", "120"),
+                    *("--shape", str(rows), str(cols)),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=python_env(),
+            )
+            try:
+                deadline = time.monotonic() + 30
+                while service.engine.active < 2:
+                    assert time.monotonic() < deadline, "agents did not come online"
+                    await asyncio.sleep(0.05)
+                await asyncio.to_thread(_upload_base, fresh_broker, project_name, base)
+                started = time.time()  # the 200 MB model goes out, comes back, goes out again
+
+                # Execute
+                code = await asyncio.wait_for(asyncio.to_thread(trainer.wait), 150)
+                ended = time.time()
+            finally:
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
+                if trainer.poll() is None:
+                    trainer.kill()
+                    trainer.wait()
+                log.close()
+
+    # Assert: the round went through with the 200 MB model, and every heartbeat sent meanwhile
+    # was handled within 100 ms.
+    assert code == 0, (tmp_path / "trainer.log").read_text()
+    assert [r.round for r in service.results] == [1]
+    window = [lag for sent, lag in latencies if started <= sent <= ended]
+    assert len(window) >= 20, f"only {len(window)} heartbeats in {ended - started:.1f} s"
+    assert max(window) <= 0.1, (
+        f"heartbeat handled {max(window) * 1000:.0f} ms after it was sent "
+        f"(median {sorted(window)[len(window) // 2] * 1000:.0f} ms)"
+    )

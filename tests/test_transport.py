@@ -1,0 +1,136 @@
+"""MqttTransport against a real Mosquitto: round trip, reconnect, last will, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support import ROOT, broker_settings, python_env
+
+from broker.process import MosquittoBroker, find_free_port
+from common.config import BrokerSettings
+from common.errors import NotConnectedError, TransportError
+from common.transport import Incoming, MqttTransport
+
+pytestmark = pytest.mark.broker
+
+
+async def _next(transport: MqttTransport, timeout: float = 10.0) -> Incoming:
+    return await asyncio.wait_for(anext(transport.messages()), timeout)
+
+
+async def test_publish_subscribe_and_retained(
+    mosquitto: MosquittoBroker, project_name: str
+) -> None:
+    settings = broker_settings(mosquitto)
+    topic = f"fedhive/v1/{project_name}/x"
+    async with MqttTransport(settings=settings) as t:
+        await t.publish(topic, b"kept", retain=True)
+    async with MqttTransport(settings=settings) as t:
+        await t.subscribe(topic)
+        got = await _next(t)
+        assert got.payload == b"kept"
+        assert got.retain
+        await t.publish(topic, b"live")
+        live = await _next(t)
+        assert live.payload == b"live"
+        assert not live.retain
+
+
+async def test_correlation_data_and_response_topic_travel(
+    mosquitto: MosquittoBroker, project_name: str
+) -> None:
+    topic = f"fedhive/v1/{project_name}/control"
+    async with MqttTransport(settings=broker_settings(mosquitto)) as t:
+        await t.subscribe(topic)
+        await t.publish(topic, b"cmd", correlation=b"id-1", response_topic=topic + "/reply")
+        got = await _next(t)
+        assert got.correlation == b"id-1"
+        assert got.response_topic == topic + "/reply"
+
+
+async def test_reconnects_and_resubscribes_after_broker_restart(
+    fresh_broker: MosquittoBroker, project_name: str
+) -> None:
+    topic = f"fedhive/v1/{project_name}/after-restart"
+    settings = broker_settings(fresh_broker, reconnect_max_delay=0.5)
+    async with MqttTransport(settings=settings) as t:
+        await t.subscribe(topic)
+        # Execute: the broker goes away and comes back on the same port.
+        fresh_broker.stop()
+        await asyncio.wait_for(_until(lambda: not t.connected), 10)
+        await asyncio.to_thread(fresh_broker.start)
+        await t.wait_connected(15)
+        # Assert: the subscription survived the reconnect.
+        await t.publish(topic, b"again")
+        got = await _next(t)
+        assert got.payload == b"again"
+
+
+async def test_last_will_marks_a_killed_process_offline(
+    mosquitto: MosquittoBroker, project_name: str, tmp_path: Path
+) -> None:
+    status = f"fedhive/v1/{project_name}/agents/doomed/status"
+    script = tmp_path / "doomed.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from common.config import BrokerSettings\n"
+        "from common.transport import LastWill, MqttTransport\n"
+        "async def main():\n"
+        f"    s = BrokerSettings(host={mosquitto.host!r}, port={mosquitto.port})\n"
+        f"    will = LastWill({status!r}, b'offline')\n"
+        "    async with MqttTransport(settings=s, will=will) as t:\n"
+        f"        await t.publish({status!r}, b'online', retain=True)\n"
+        "        print('up', flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "asyncio.run(main())\n"
+    )
+    async with MqttTransport(settings=broker_settings(mosquitto)) as watcher:
+        await watcher.subscribe(status)
+        proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the test awaits its output
+            [sys.executable, str(script)], stdout=subprocess.PIPE, env=python_env(), cwd=ROOT
+        )
+        try:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(proc.stdout.readline), 30)
+            assert line.strip() == b"up"
+            assert (await _next(watcher)).payload == b"online"
+            proc.send_signal(signal.SIGKILL)
+            assert (await _next(watcher)).payload == b"offline"
+        finally:
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()  # type: ignore[union-attr]
+
+
+async def test_oversize_publish_is_refused_before_sending(mosquitto: MosquittoBroker) -> None:
+    async with MqttTransport(settings=broker_settings(mosquitto)) as t:
+        with pytest.raises(TransportError, match="max_packet_size"):
+            await t.publish("fedhive/v1/x/big", b"\0" * 2_000_001)
+        assert t.connected
+
+
+async def test_unreachable_broker_is_a_clear_error() -> None:
+    port = find_free_port()
+    settings = BrokerSettings(host="127.0.0.1", port=port, connect_timeout=2)
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
+        async with MqttTransport(settings=settings):
+            pass
+
+
+async def test_misuse_raises() -> None:
+    t = MqttTransport(settings=BrokerSettings())
+    with pytest.raises(NotConnectedError):
+        t.messages()
+    with pytest.raises(NotConnectedError):
+        await t.wait_connected(0.1)
+
+
+async def _until(predicate: object) -> None:
+    # Polls a flag owned by the transport's own task; bounded by the caller's wait_for.
+    while not predicate():  # type: ignore[operator]  # noqa: ASYNC110 - no event to await
+        await asyncio.sleep(0.02)

@@ -1,0 +1,113 @@
+"""Bytes on the wire: a round moves every model once per transfer, no more (issue 9).
+
+A real federation (a broker of the test's own, an aggregator, three agents) trains two rounds of
+a model ten chunks long. The broker's socket reads and writes (/proc/PID/io rchar + wchar, as
+``bench/round_overhead.py`` counts them) must stay within 5% of the model bytes times the number
+of transfers: an accidental re-send or a double encode adds a whole model and fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from support import broker_settings, running_aggregator
+
+from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
+from agent.session import AgentSession
+from broker.process import MosquittoBroker
+from common.codec import encode_frame
+from common.config import AgentConfig, AggregatorConfig
+
+pytestmark = pytest.mark.broker
+
+AGENTS = 3
+ROUNDS = 2
+PARAMS = 2_500_000  # 10 MB: ten 1 MiB chunks; statuses, acks and heartbeats are < 1% of it
+
+
+def _broker_io(broker: MosquittoBroker) -> int:
+    """Bytes the broker process read and wrote so far (sockets, and its small log)."""
+    fields = dict(
+        line.split(": ") for line in Path(f"/proc/{broker.pid}/io").read_text().splitlines()
+    )
+    return int(fields["rchar"]) + int(fields["wchar"])
+
+
+def _transfers(agents: int, rounds: int) -> int:
+    """Model passes through the broker, counted at both of its sockets: the base (admin in,
+    aggregator out), model 0 (1 in, one out per agent), then per round every agent's model
+    (in and out) and the new model (1 in, one out per agent)."""
+    return 2 + (1 + agents) + rounds * (2 * agents + 1 + agents)
+
+
+async def _train(session: AgentSession, delta: float) -> None:
+    after: int | None = None
+    for _ in range(ROUNDS):
+        model = await session.wait_model(after=after, timeout=60)
+        after = model.round
+        local = {k: v + np.float32(delta) for k, v in model.tensors.items()}
+        ack = await session.submit(
+            local, round=after + 1, num_samples=1.0, metrics={}, framework="numpy", ack_timeout=60
+        )
+        assert ack is not None
+        assert ack.status.value == "accepted"
+    await session.wait_model(after=after, timeout=60)
+
+
+async def test_a_round_moves_each_model_once_per_transfer(
+    fresh_broker: MosquittoBroker, project_name: str, tmp_path: Path
+) -> None:
+    # Prepare: heartbeats rare, no store: the model transfers are nearly all the traffic.
+    settings = broker_settings(fresh_broker)
+    config = AggregatorConfig(
+        name="a1", project=project_name, broker=settings, data_dir=tmp_path, store=False
+    )
+    base = {"w": np.random.default_rng(0).standard_normal(PARAMS, dtype=np.float32)}
+    model_bytes = encode_frame(base).nbytes
+    with running_aggregator(config) as service:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [
+                await stack.enter_async_context(
+                    AgentSession(
+                        config=AgentConfig(
+                            agent_name=f"agent{i}",
+                            aggr_ip=fresh_broker.host,
+                            reg_port=fresh_broker.port,
+                            project=project_name,
+                            aggregator="a1",
+                            heartbeat_interval=60,
+                        )
+                    )
+                )
+                for i in range(AGENTS)
+            ]
+            deadline = time.monotonic() + 30
+            while service.engine.active < AGENTS:
+                assert time.monotonic() < deadline, "agents did not come online"
+                await asyncio.sleep(0.05)
+            before = _broker_io(fresh_broker)
+
+            # Execute: upload the base model, train two rounds.
+            admin = AdminAgent(
+                aggregator_ip_address=fresh_broker.host,
+                reg_port=fresh_broker.port,
+                project=project_name,
+                timeout=60,
+                base_model=BaseModel("wire", base, BaseModelConvFormat.numpy_format),
+            )
+            await asyncio.to_thread(admin.initialize)
+            await asyncio.gather(*(_train(s, 0.1 * (i + 1)) for i, s in enumerate(sessions)))
+            moved = _broker_io(fresh_broker) - before
+
+    # Assert: every transfer happened once, and nothing else of size did.
+    expected = model_bytes * _transfers(AGENTS, ROUNDS)
+    assert [r.round for r in service.results] == [1, 2]
+    assert expected <= moved <= 1.05 * expected, (
+        f"{moved} bytes moved for {expected} bytes of model transfers (ratio "
+        f"{moved / expected:.3f})"
+    )
