@@ -19,11 +19,16 @@ package at 3.4 GB/s; SHA-256 of every upload and download was most of the CPU of
 For transfers of :data:`OFFLOAD_BYTES` or more the copying and hashing run in one worker thread
 per process (NumPy copies and hashlib release the GIL), in arrival order: the event loop only
 parses and dispatches, and the two run in parallel. At most :data:`MAX_BACKLOG` chunks wait for
-the worker (then ``add`` waits for the oldest), so memory and waits stay bounded.
+the worker, so memory stays bounded: a consumer on an event loop awaits :func:`worker_room`
+before each chunk and :meth:`Reassembler.stored` before :meth:`Reassembler.result`, so the loop
+keeps serving while the worker catches up (under CPU contention the worker can fall behind by
+a tenth of a second, which a blocking wait would cost every heartbeat). Synchronous callers
+just call ``add`` (it blocks on the oldest chunk when the backlog is full).
 """
 
 from __future__ import annotations
 
+import asyncio
 import operator
 import re
 import struct
@@ -242,6 +247,13 @@ class _ChunkWorker:
         self._jobs: deque[Future[None]] = deque()
         self._lock = threading.Lock()
 
+    def oldest_if_full(self) -> Future[None] | None:
+        """The oldest queued job while :data:`MAX_BACKLOG` jobs wait, else None."""
+        with self._lock:
+            while self._jobs and self._jobs[0].done():
+                self._jobs.popleft()
+            return self._jobs[0] if len(self._jobs) >= MAX_BACKLOG else None
+
     def submit(self, job: Callable[[], None]) -> Future[None]:
         with self._lock:
             if self._executor is None:
@@ -258,6 +270,12 @@ class _ChunkWorker:
 
 
 _WORKER = _ChunkWorker()
+
+
+async def worker_room() -> None:
+    """Wait, without blocking the event loop, until the chunk worker takes another chunk."""
+    while (oldest := _WORKER.oldest_if_full()) is not None:
+        await asyncio.wrap_future(oldest)
 
 
 class Reassembler:
@@ -332,6 +350,13 @@ class Reassembler:
         np.copyto(target, np.frombuffer(data, dtype=np.uint8))
         if span[1] > span[0]:
             self._hash.update(self._buffer[span[0] : span[1]])
+
+    async def stored(self) -> None:
+        """Wait, without blocking the event loop, until every chunk added so far is stored and
+        hashed (then :meth:`result` does not wait for the worker)."""
+        job = self._last_job
+        if job is not None and not job.done():
+            await asyncio.wrap_future(job)
 
     def missing(self) -> list[int]:
         """Indices of the chunks not received yet, ascending."""

@@ -12,7 +12,10 @@ Receiving is bounded: the transport acknowledges a QoS 1 message at once while w
 the consumer stays under ``receive_buffer`` bytes (and :data:`QUEUE_LIMIT` messages); past
 that it acknowledges each message only when the consumer takes it, so the broker (which keeps
 at most ``receive_maximum`` messages unacknowledged per client) holds the rest in its own
-bounded queue. QoS 0 messages (heartbeats) past the limit are dropped, as QoS 0 allows.
+bounded queue. QoS 0 messages past the limit are dropped, as QoS 0 allows, except small ones
+on the express lane (heartbeats): up to :data:`EXPRESS_RESERVE` of at most
+:data:`EXPRESS_RESERVE_BYTES` each may wait beyond the limit, so a model filling the buffer does
+not silence an agent's heartbeats.
 
 Messages other than chunk frames (topics ending in ``/chunk``) take an express lane: they
 overtake queued chunk frames (MQTT orders messages per topic only), so a heartbeat, a status or
@@ -67,6 +70,11 @@ QUEUE_LIMIT = 10_000
 #: make a component hold in memory, plus at most ``receive_maximum`` unacknowledged messages of
 #: at most ``max_packet_size`` each.
 RECEIVE_BUFFER_BYTES: int = BrokerSettings.model_fields["receive_buffer"].default
+
+#: Small QoS 0 messages on the express lane (heartbeats) that may wait beyond the buffer limit,
+#: and the largest such message: what they can add is bounded by the product (16 MiB).
+EXPRESS_RESERVE = 256
+EXPRESS_RESERVE_BYTES = 64 << 10
 
 #: Run after every (re)connect, e.g. to republish a retained online status.
 OnConnect = Callable[[], Coroutine[Any, Any, None]]
@@ -412,6 +420,7 @@ class MqttTransport(Transport):
         self._express: deque[_Queued] = deque()  # QoS 0 messages, taken first
         self._buffered = 0  # payload bytes in the queue
         self._dropped = 0  # QoS 0 messages dropped since the last log line
+        self._dropped_total = 0
         self._runner: asyncio.Task[None] | None = None
         self._first_error: BaseException | None = None
         self._first_attempt_done = asyncio.Event()
@@ -441,6 +450,11 @@ class MqttTransport(Transport):
     def buffered(self) -> int:
         """Payload bytes received and not yet taken by the consumer."""
         return self._buffered
+
+    @property
+    def dropped(self) -> int:
+        """QoS 0 messages dropped because the receive buffer was full (since connecting)."""
+        return self._dropped_total
 
     @property
     def session_present(self) -> bool:
@@ -539,9 +553,16 @@ class MqttTransport(Transport):
         )
         waiting = self._queue.qsize() + len(self._express)
         room = self._buffered < self._settings.receive_buffer and waiting < QUEUE_LIMIT
+        express = not incoming.topic.endswith(_CHUNK_TOPIC_END)  # (_QueueIterator)
+        reserved = (
+            express
+            and len(payload) <= EXPRESS_RESERVE_BYTES
+            and len(self._express) < EXPRESS_RESERVE
+        )
         ack = None
-        if message.qos == 0 and not room:
+        if message.qos == 0 and not room and not reserved:
             self._dropped += 1
+            self._dropped_total += 1
             if self._dropped in (1, 1000) or self._dropped % 100_000 == 0:
                 log.warning(
                     "%s: receive buffer full (%d bytes waiting): dropped %d QoS 0 message(s)",
@@ -558,7 +579,7 @@ class MqttTransport(Transport):
         if room:
             self._dropped = 0
         self._buffered += len(payload)
-        if not incoming.topic.endswith(_CHUNK_TOPIC_END):  # the express lane (_QueueIterator)
+        if express:
             self._express.append(_Queued(incoming, ack, self._taken))
             if self._queue.empty():
                 self._queue.put_nowait(_WAKE)

@@ -33,6 +33,7 @@ from common.messages import (
 from common.rejections import RejectionLog
 from common.topics import Topics
 from common.transport import (
+    EXPRESS_RESERVE_BYTES,
     RECEIVE_BUFFER_BYTES,
     InMemoryBus,
     InMemoryTransport,
@@ -264,6 +265,44 @@ async def test_a_slow_consumer_holds_back_acks_and_loses_nothing(
     assert [m.topic for m in received] == [f"{topic}/{i}" for i in range(count)] + [
         f"{topic}/marker"
     ]
+
+
+@pytest.mark.broker
+async def test_a_full_buffer_still_takes_heartbeats_but_drops_large_qos0_messages(
+    mosquitto: MosquittoBroker, project_name: str
+) -> None:
+    # Prepare: a consumer whose buffer a model's chunks have filled (QoS 1, acks held back).
+    settings = broker_settings(mosquitto)
+    topic = f"fedhive/v1/{project_name}/flood"
+    chunk = bytes(200_000)
+    count = (RECEIVE_BUFFER_BYTES // len(chunk)) + 50
+    async with (
+        MqttTransport(settings=settings, client_id=f"{project_name}.full") as full,
+        MqttTransport(settings=settings) as publisher,
+    ):
+        await full.subscribe(f"{topic}/#", qos=1)
+        for i in range(count):
+            await publisher.publish(f"{topic}/m{i}/chunk", chunk)
+        assert full.buffered >= RECEIVE_BUFFER_BYTES
+
+        # Execute: heartbeats (small, QoS 0), then large QoS 0 messages, arrive meanwhile.
+        for i in range(20):
+            await publisher.publish(f"{topic}/beat/heartbeat", b"beat%d" % i, qos=0)
+        big = bytes(EXPRESS_RESERVE_BYTES + 1)
+        for _ in range(5):
+            await publisher.publish(f"{topic}/big", big, qos=0)
+        deadline = time.monotonic() + 10
+        while full.dropped < 5:  # the large ones came after the heartbeats, in order
+            assert time.monotonic() < deadline, f"{full.dropped} large messages dropped"
+            await asyncio.sleep(0.01)
+        messages = full.messages()
+        received = [await asyncio.wait_for(anext(messages), 10) for _ in range(count + 20)]
+
+    # Assert: every heartbeat was kept (and taken first), only the large ones were dropped,
+    # and every chunk arrived.
+    assert full.dropped == 5
+    assert [m.payload for m in received[:20]] == [b"beat%d" % i for i in range(20)]
+    assert [m.topic for m in received[20:]] == [f"{topic}/m{i}/chunk" for i in range(count)]
 
 
 @pytest.mark.broker
