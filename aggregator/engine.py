@@ -157,6 +157,8 @@ class RoundEngine:
         self.model: dict[str, Array] | None = None
         self.model_round = -1
         self.agents: dict[str, AgentRecord] = {}
+        #: (active count, engine time until which it holds): see :attr:`active`.
+        self._active_cache: tuple[int, float] | None = None
         self.counters = RoundCounters()
         self._acc: RoundAccumulator | None = None
         self._collected: dict[str, Contribution] = {}
@@ -193,6 +195,7 @@ class RoundEngine:
         if not t >= 0:  # also refuses NaN
             raise ConfigError(f"agent timeout must be >= 0 seconds, got {value!r}")
         self._agent_timeout = t
+        self._active_cache = None
 
     @property
     def max_agents(self) -> int:
@@ -223,11 +226,24 @@ class RoundEngine:
     @property
     def active(self) -> int:
         """Agents that count toward ``needed``: online, admitted, and heard from within
-        ``agent_timeout`` (if set)."""
+        ``agent_timeout`` (if set).
+
+        Counting walks every agent, and every accepted model asks (``needed``): with 1000
+        agents that was a million presence checks a round. The count is kept until an agent's
+        state changes or the first active agent could time out, whichever comes first (a
+        heartbeat only moves that moment later, so it keeps the count)."""
         now = self._clock()
-        return sum(
-            1 for a in self.agents.values() if self._presence(a, now) is PresenceState.ACTIVE
-        )
+        cached = self._active_cache
+        if cached is not None and now < cached[1]:
+            return cached[0]
+        count, until = 0, math.inf
+        for record in self.agents.values():
+            if self._presence(record, now) is PresenceState.ACTIVE:
+                count += 1
+                if self._agent_timeout > 0 and record.last_seen is not None:
+                    until = min(until, record.last_seen + self._agent_timeout)
+        self._active_cache = (count, until)
+        return count
 
     @property
     def needed(self) -> int:
@@ -308,11 +324,13 @@ class RoundEngine:
         if record is None:
             record = self.agents[name] = AgentRecord(name, status=AgentState.OFFLINE)
         was_active = self._presence(record, now) is PresenceState.ACTIVE
+        self._active_cache = None
         record.status = state
         if state is AgentState.ONLINE:
             record.last_seen = now
             if not was_active:  # an agent that holds its place keeps it across reconnects
                 record.rejected = not self._room_for(record, now)
+        self._active_cache = None  # (_room_for counted before the verdict)
         return record
 
     def heartbeat(self, name: str) -> AgentRecord | None:
@@ -324,8 +342,11 @@ class RoundEngine:
         now = self._clock()
         was = self._presence(record, now)
         record.last_seen = now
-        if was is PresenceState.TIMEOUT:
-            record.rejected = not self._room_for(record, now)
+        if was is not PresenceState.ACTIVE:  # (an active agent stays active: the count holds)
+            self._active_cache = None
+            if was is PresenceState.TIMEOUT:
+                record.rejected = not self._room_for(record, now)
+                self._active_cache = None  # (_room_for counted before the verdict)
         return record
 
     def admit_waiting(self) -> list[str]:
@@ -341,17 +362,14 @@ class RoundEngine:
             if not self._room_for(record, now):
                 break
             record.rejected = False
+            self._active_cache = None
             admitted.append(record.name)
         return admitted
 
     def _room_for(self, record: AgentRecord, now: float) -> bool:
         if self._max_agents == 0:
             return True
-        taken = sum(
-            1
-            for a in self.agents.values()
-            if a is not record and self._presence(a, now) is PresenceState.ACTIVE
-        )
+        taken = self.active - (self._presence(record, now) is PresenceState.ACTIVE)
         return taken < self._max_agents
 
     # ---------------------------------------------------------------- models

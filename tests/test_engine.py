@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 import re
 from fractions import Fraction
 from typing import ClassVar
@@ -185,6 +186,38 @@ def timed_engine(
     for i in range(agents):
         engine.agent_seen(f"a{i}")
     return engine, clock
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_active_count_always_matches_every_agents_presence(seed: int) -> None:
+    # Prepare: an engine whose active count is read after every event (so it is reused
+    # whenever it may be), and a random stream of statuses, heartbeats, silences and settings.
+    rng = random.Random(seed)
+    engine, clock = timed_engine(agents=6, timeout=3.0, max_agents=4)
+    states = [AgentState.ONLINE, AgentState.OFFLINE, AgentState.LOST]
+    counts: list[tuple[int, int]] = []
+
+    # Execute
+    for _ in range(400):
+        name = f"a{rng.randrange(8)}"
+        match rng.randrange(6):
+            case 0:
+                engine.agent_status(name, rng.choice(states))
+            case 1 | 2:
+                engine.heartbeat(name)
+            case 3:
+                clock.now += rng.uniform(0, 2)
+            case 4:
+                engine.max_agents = rng.randrange(7)
+                engine.admit_waiting()
+            case _:
+                engine.agent_timeout = rng.choice([0.0, 1.5, 3.0])
+        truth = sum(p is PresenceState.ACTIVE for p in engine.presences().values())
+        counts.append((engine.active, truth))
+
+    # Assert: the count is exact after every event, and the stream did move it around.
+    assert all(active == truth for active, truth in counts), counts
+    assert len({truth for _, truth in counts}) >= 3
 
 
 def test_silent_agent_times_out_and_comes_back_with_a_heartbeat() -> None:
