@@ -34,6 +34,7 @@ from common.errors import (
     TransportError,
 )
 from common.messages import (
+    AggAgentsMessage,
     AggStatusMessage,
     ControlCommand,
     ControlReply,
@@ -90,6 +91,7 @@ class ControlClient:
         self._state = ControlClientState.NEW
         self._pending: dict[bytes, asyncio.Future[ControlReply]] = {}
         self._status: AggStatusMessage | None = None
+        self._table: AggAgentsMessage | None = None
         self._version = 0
         self._updated = asyncio.Event()
         self._consumer: asyncio.Task[None] | None = None
@@ -109,8 +111,11 @@ class ControlClient:
         await self._transport.__aenter__()
         self._state = ControlClientState.OPEN
         try:
+            # The agent table before the status: the first status arrives with it.
             await self._transport.subscribe(
-                self.reply_topic, self.topics.agg_status(self.aggregator)
+                self.reply_topic,
+                self.topics.agg_agents(self.aggregator),
+                self.topics.agg_status(self.aggregator),
             )
         except BaseException:
             await self._close()
@@ -159,16 +164,26 @@ class ControlClient:
         if message.sender != self.aggregator or message.project != self.topics.project:
             raise MessageError(f"message from {message.sender!r} of project {message.project!r}")
         if isinstance(message, AggStatusMessage):
-            self._status = message
-            self._version += 1
-            updated, self._updated = self._updated, asyncio.Event()
-            updated.set()
+            self._status = message.with_agents(self._table)
+            self._changed()
+        elif isinstance(message, AggAgentsMessage):
+            if self._table is not None and self._table.ts > message.ts:
+                return  # older than the table we have
+            self._table = message
+            if self._status is not None and self._status.with_agents(message) != self._status:
+                self._status = self._status.with_agents(message)  # it came after its status
+                self._changed()
         elif isinstance(message, ControlReply):
             fut = self._pending.get(incoming.correlation or b"")
             if fut is not None and not fut.done():
                 fut.set_result(message)
         else:
             raise MessageError(f"unexpected {message.type!r} message")
+
+    def _changed(self) -> None:
+        self._version += 1
+        updated, self._updated = self._updated, asyncio.Event()
+        updated.set()
 
     def _fail_pending(self) -> None:
         for fut in self._pending.values():

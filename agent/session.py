@@ -327,7 +327,7 @@ class AgentSession:
             if self._auto and parsed.kind is TopicKind.AGG_STATUS and parsed.aggregator:
                 self._track(parsed.aggregator, None)  # its retained status was cleared
             return
-        message = decode_message(incoming.payload, without_agent_table=True)
+        message = decode_message(incoming.payload)
         if parsed.aggregator is not None and message.sender != parsed.aggregator:
             raise MessageError(
                 f"sender {message.sender!r} does not match the topic's aggregator "

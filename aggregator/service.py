@@ -1357,8 +1357,13 @@ class AggregatorService:
             return
         self._status_dirty = False
         self._status_sent = time.monotonic()
+        # The table first: a reader that subscribes to both gets it before the status.
+        status, table = self.status().split()
         await self._transport.publish(
-            self.topics.agg_status(self.name), encode_message(self.status()), retain=True
+            self.topics.agg_agents(self.name), encode_message(table), retain=True
+        )
+        await self._transport.publish(
+            self.topics.agg_status(self.name), encode_message(status), retain=True
         )
 
 

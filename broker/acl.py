@@ -90,6 +90,7 @@ def aggregator_rules(project: str, name: str) -> list[tuple[str, str]]:
         ("write", f"{agg}/model"),
         ("write", f"{agg}/model/{CHUNK_SUFFIX}"),
         ("write", f"{agg}/status"),
+        ("write", f"{agg}/agents"),
         ("write", f"{agg}/regional"),
         ("write", f"{agg}/regional/{CHUNK_SUFFIX}"),
         # `control` itself stays the admin's: only the replies under it are the aggregator's.

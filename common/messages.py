@@ -190,6 +190,11 @@ class AggStatusMessage(_Message):
     collected: Count
     blocker: str | None = None
     base_sha: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    #: The agent table. Published apart, on ``agg/{aggr}/agents`` (:class:`AggAgentsMessage`):
+    #: every agent receives every status and none reads the table, which made a status 80
+    #: times larger (with 1000 agents, most of their CPU went into it). Empty in a status on
+    #: the status topic; readers that show it merge it back in (:meth:`with_agents`); a
+    #: control reply's status snapshot carries it.
     agents: list[AgentInfo] = Field(default_factory=list, max_length=MAX_STATUS_AGENTS)
     #: Agents known but left out of ``agents`` (the table is bounded).
     agents_omitted: Count = 0
@@ -205,6 +210,43 @@ class AggStatusMessage(_Message):
     pull_uploads: bool | None = None
     #: How agents pack their updates for the wire (``common.packing``; None: plain frames).
     compression: str | None = Field(default=None, max_length=64)
+
+    def split(self) -> tuple[AggStatusMessage, AggAgentsMessage]:
+        """This status without its agent table, and the table: what the status and agents
+        topics carry."""
+        table = AggAgentsMessage(
+            project=self.project,
+            sender=self.sender,
+            ts=self.ts,
+            agents=self.agents,
+            agents_omitted=self.agents_omitted,
+        )
+        return self.model_copy(update={"agents": [], "agents_omitted": 0}), table
+
+    def with_agents(self, table: AggAgentsMessage | None) -> AggStatusMessage:
+        """This status with its agent table merged in: ``table`` if it is the one published
+        with this status (same sender and timestamp), else itself (also when it carries a
+        table already)."""
+        if (
+            table is None
+            or (table.sender, table.ts) != (self.sender, self.ts)
+            or self.agents
+            or self.agents_omitted
+        ):
+            return self
+        return self.model_copy(
+            update={"agents": table.agents, "agents_omitted": table.agents_omitted}
+        )
+
+
+class AggAgentsMessage(_Message):
+    """An aggregator's agent table (retained on ``agg/{aggr}/agents``, published with each
+    status): for the CLI and the dashboard, which agents do not subscribe to."""
+
+    type: Literal["agg_agents"] = "agg_agents"
+    agents: list[AgentInfo] = Field(default_factory=list, max_length=MAX_STATUS_AGENTS)
+    #: Agents known but left out of ``agents`` (the table is bounded).
+    agents_omitted: Count = 0
 
 
 class AggregatorLiveness(StrEnum):
@@ -405,6 +447,7 @@ Message = Annotated[
     | AgentStatusMessage
     | HeartbeatMessage
     | AggStatusMessage
+    | AggAgentsMessage
     | SgStatusMessage
     | AckMessage
     | NoticeMessage
@@ -423,33 +466,21 @@ def encode_message(message: BaseModel) -> bytes:
     return packed
 
 
-def decode_message(
-    payload: bytes | bytearray,
-    *,
-    max_bytes: int = MAX_ENVELOPE_BYTES,
-    without_agent_table: bool = False,
-) -> Message:
-    """Unpack and validate one envelope; MessageError says what was wrong.
-
-    ``without_agent_table``: an aggregator status's agent table is left out unread (counted in
-    ``agents_omitted``): agents, which never use it, skip validating up to
-    :data:`MAX_STATUS_AGENTS` rows per status (~0.5 ms each time, for every agent)."""
+def decode_message(payload: bytes | bytearray, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Message:
+    """Unpack and validate one envelope; MessageError says what was wrong."""
     if len(payload) > max_bytes:
         raise MessageError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
-    limits: dict[str, Any] = {
-        "raw": False,
-        "strict_map_key": True,
-        "max_bin_len": max_bytes,
-        "max_str_len": 65_536,
-        "max_array_len": 1_000_000,
-        "max_map_len": 10_000,
-        "max_ext_len": 0,
-    }
-    raw = _status_without_table(payload, limits) if without_agent_table else None
-    if raw is not None:
-        return _validate(raw)
     try:
-        raw = msgpack.unpackb(payload, **limits)
+        raw = msgpack.unpackb(
+            payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=max_bytes,
+            max_str_len=65_536,
+            max_array_len=1_000_000,
+            max_map_len=10_000,
+            max_ext_len=0,
+        )
     except (msgpack.exceptions.StackError, RecursionError) as exc:
         raise MessageError("not a msgpack envelope: nesting too deep") from exc
     except (ValueError, msgpack.UnpackException, TypeError) as exc:
@@ -463,50 +494,7 @@ def decode_message(
         raise MessageError(
             f"unsupported protocol version {version!r} (expected {PROTOCOL_VERSION})"
         )
-    if without_agent_table and raw.get("type") == "agg_status":
-        table, omitted = raw.get("agents"), raw.get("agents_omitted", 0)
-        if isinstance(table, list) and type(omitted) is int:  # else validation says what is wrong
-            del raw["agents"]
-            raw["agents_omitted"] = omitted + len(table)
     return _validate(raw)
-
-
-def _status_without_table(
-    payload: bytes | bytearray, limits: dict[str, Any]
-) -> dict[str, Any] | None:
-    """A valid-looking aggregator status unpacked with its agent table skipped, not built:
-    building up to :data:`MAX_STATUS_AGENTS` maps costs ~0.4 ms, and every agent of an
-    aggregator gets every status (with 1000 agents, more than two cores' worth). None when
-    the shortcut does not apply (not a status, or anything odd): the caller then unpacks the
-    whole envelope, which also gives the precise error."""
-    unpacker = msgpack.Unpacker(max_buffer_size=max(len(payload), 1), **limits)
-    try:
-        unpacker.feed(payload)
-        raw: dict[str, Any] = {}
-        skipped = None
-        for _ in range(unpacker.read_map_header()):
-            key = unpacker.unpack()
-            if key == "agents":
-                if skipped is not None:
-                    return None  # a repeated key
-                skipped = unpacker.read_array_header()
-                for _ in range(skipped):
-                    unpacker.skip()
-            elif not isinstance(key, str) or key in raw:
-                return None
-            else:
-                raw[key] = unpacker.unpack()
-        if unpacker.tell() != len(payload):
-            return None  # trailing bytes
-    except Exception:  # any malformation: the full unpack names it
-        return None
-    version, omitted = raw.get("v"), raw.get("agents_omitted", 0)
-    if raw.get("type") != "agg_status" or type(version) is not int or version != PROTOCOL_VERSION:
-        return None
-    if type(omitted) is not int:
-        return None
-    raw["agents_omitted"] = omitted + (skipped or 0)
-    return raw
 
 
 def _validate(raw: dict[str, Any]) -> Message:

@@ -37,6 +37,7 @@ class TopicKind(StrEnum):
     AGENT_REQUEST = "agent_request"
     AGENT_INBOX = "agent_inbox"
     AGG_STATUS = "agg_status"
+    AGG_AGENTS = "agg_agents"
     AGG_MODEL = "agg_model"
     AGG_LOCAL = "agg_local"
     AGG_REGIONAL = "agg_regional"
@@ -110,6 +111,11 @@ class Topics:
     def agg_status(self, aggregator: str) -> str:
         return f"{self.root}/agg/{_aggr(aggregator)}/status"
 
+    def agg_agents(self, aggregator: str) -> str:
+        """The aggregator's agent table (retained), apart from its status: for the CLI and
+        the dashboard; agents do not subscribe to it."""
+        return f"{self.root}/agg/{_aggr(aggregator)}/agents"
+
     def agg_model(self, aggregator: str) -> str:
         return f"{self.root}/agg/{_aggr(aggregator)}/model"
 
@@ -154,6 +160,9 @@ class Topics:
 
     def all_agg_status(self) -> str:
         return f"{self.root}/agg/+/status"
+
+    def all_agg_agents(self) -> str:
+        return f"{self.root}/agg/+/agents"
 
     def all_regional(self) -> str:
         """Every aggregator's regional results (their chunk frames: ``chunks`` of this)."""
@@ -249,6 +258,7 @@ _AGENT_LEAVES = {
 }
 _AGG_LEAVES = {
     "status": TopicKind.AGG_STATUS,
+    "agents": TopicKind.AGG_AGENTS,
     "model": TopicKind.AGG_MODEL,
     "regional": TopicKind.AGG_REGIONAL,
     "inbox": TopicKind.AGG_INBOX,

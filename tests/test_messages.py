@@ -17,6 +17,7 @@ from common.messages import (
     AgentInfo,
     AgentState,
     AgentStatusMessage,
+    AggAgentsMessage,
     AggregatorInfo,
     AggregatorLiveness,
     AggregatorState,
@@ -114,6 +115,11 @@ MESSAGES: list[BaseModel] = [
         ],
         agents_omitted=5,
     ),
+    AggAgentsMessage(
+        **ENVELOPE,
+        agents=[AgentInfo(name="a0", state=PresenceState.ACTIVE, last_heartbeat=0.4)],
+        agents_omitted=2,
+    ),
     NoticeMessage(**ENVELOPE, kind=NoticeKind.REJECTED, reason="max_agents 3 reached"),
     ModelMessage(
         **ENVELOPE,
@@ -193,6 +199,7 @@ def test_every_message_type_is_covered() -> None:
         AgentStatusMessage,
         HeartbeatMessage,
         AggStatusMessage,
+        AggAgentsMessage,
         SgStatusMessage,
         AckMessage,
         NoticeMessage,
@@ -552,59 +559,38 @@ def _status_with_table(rows: int, omitted: int = 0) -> AggStatusMessage:
 
 
 @pytest.mark.parametrize(("rows", "omitted"), [(0, 0), (3, 0), (MAX_STATUS_AGENTS, 744)])
-def test_a_status_without_its_agent_table_is_the_status_less_the_table(
+def test_a_status_splits_into_status_and_agent_table_and_merges_back(
     rows: int, omitted: int
 ) -> None:
     # Prepare
     status = _status_with_table(rows, omitted)
 
-    # Execute
-    light = decode_message(encode_message(status), without_agent_table=True)
+    # Execute: over the wire, as the aggregator publishes them.
+    bare, table = status.split()
+    got_status = decode_message(encode_message(bare))
+    got_table = decode_message(encode_message(table))
 
-    # Assert: everything but the table, whose rows are counted as omitted.
-    assert light == status.model_copy(update={"agents": [], "agents_omitted": rows + omitted})
-
-
-def _raw_status(**changes: Any) -> dict[str, Any]:
-    raw: dict[str, Any] = msgpack.unpackb(encode_message(_status_with_table(2)))
-    raw.update(changes)
-    return raw
-
-
-@pytest.mark.parametrize(
-    "payload",
-    [
-        msgpack.packb([1, 2]),  # not a map
-        encode_message(_status_with_table(2)) + b"\x00",  # trailing bytes
-        msgpack.packb(_raw_status(agents={"a": 1})),  # a table that is no list
-        msgpack.packb(_raw_status(v=2)),  # another protocol version
-        msgpack.packb(_raw_status(agents_omitted="3")),
-        msgpack.packb(_raw_status(round=-1)),
-        msgpack.packb({**_raw_status(), 1: 2}),  # a key that is no str
-        encode_message(_status_with_table(2))[:-3],  # truncated
-    ],
-)
-def test_a_bad_status_fails_alike_with_or_without_the_table(payload: bytes) -> None:
-    # Execute
-    with pytest.raises(MessageError) as full:
-        decode_message(payload)
-    with pytest.raises(MessageError) as light:
-        decode_message(payload, without_agent_table=True)
-
-    # Assert: the same error, or (for a bad table only) one that names it no less clearly.
-    assert str(light.value) == str(full.value) or "agents" in str(full.value)
+    # Assert: the status carries no table (and is small), the table carries it all, and
+    # merging gives the status back.
+    assert isinstance(got_status, AggStatusMessage)
+    assert isinstance(got_table, AggAgentsMessage)
+    assert (got_status.agents, got_status.agents_omitted) == ([], 0)
+    assert len(encode_message(bare)) < 400
+    assert (got_table.agents, got_table.agents_omitted) == (status.agents, omitted)
+    assert (got_table.sender, got_table.ts) == (status.sender, status.ts)
+    assert got_status.with_agents(got_table) == status
 
 
-def test_other_messages_decode_the_same_without_the_table() -> None:
-    for message in MESSAGES:
-        payload = encode_message(message)
-        light = decode_message(payload, without_agent_table=True)
-        if isinstance(message, AggStatusMessage):
-            assert light == message.model_copy(
-                update={
-                    "agents": [],
-                    "agents_omitted": message.agents_omitted + len(message.agents),
-                }
-            )
-        else:
-            assert light == message
+def test_a_status_merges_only_the_table_published_with_it() -> None:
+    # Prepare: two publications of one aggregator (their timestamps differ).
+    status = _status_with_table(3)
+    bare, table = status.split()
+    later_bare, later_table = _status_with_table(5).model_copy(update={"ts": status.ts + 1}).split()
+
+    # Execute / Assert: a table merges into its own status only; a status that carries a
+    # table keeps it.
+    assert bare.with_agents(table) == status
+    assert bare.with_agents(later_table) is bare
+    assert later_bare.with_agents(table) is later_bare
+    assert bare.with_agents(None) is bare
+    assert status.with_agents(table) is status

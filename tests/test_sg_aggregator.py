@@ -44,6 +44,7 @@ from common.messages import (
     AckStatus,
     AgentState,
     AgentStatusMessage,
+    AggAgentsMessage,
     AggregatorLiveness,
     AggregatorState,
     AggStatusMessage,
@@ -133,6 +134,7 @@ class Federation:
     sg: dict[int, tuple[ModelMessage, dict[str, Array], float]] = field(default_factory=dict)
     models: dict[str, dict[int, dict[str, Array]]] = field(default_factory=dict)
     statuses: dict[str, AggStatusMessage] = field(default_factory=dict)
+    tables: dict[str, AggAgentsMessage] = field(default_factory=dict)  # the agent tables
     sg_status: SgStatusMessage | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -144,10 +146,10 @@ class Federation:
                 )
 
     def active_agents(self, aggregator: str) -> set[str]:
-        status = self.statuses.get(aggregator)
-        if status is None:
+        table = self.tables.get(aggregator)
+        if table is None:
             return set()
-        return {a.name for a in status.agents if a.state.value == "ACTIVE"}
+        return {a.name for a in table.agents if a.state.value == "ACTIVE"}
 
     async def run(self, started: asyncio.Event) -> None:
         topics = Topics(self.project)
@@ -161,6 +163,7 @@ class Federation:
                 f"{root}/agg/+/model",
                 f"{root}/agg/+/model/chunk",
                 topics.all_agg_status(),
+                topics.all_agg_agents(),
                 topics.sg_model(),
                 Topics.chunks(topics.sg_model()),
                 topics.sg_status(),
@@ -179,6 +182,11 @@ class Federation:
                         if isinstance(message, AggStatusMessage):
                             with self._cond:
                                 self.statuses[message.sender] = message
+                                self._cond.notify_all()
+                            continue
+                        if isinstance(message, AggAgentsMessage):
+                            with self._cond:
+                                self.tables[message.sender] = message
                                 self._cond.notify_all()
                             continue
                         if isinstance(message, SgStatusMessage):

@@ -20,6 +20,7 @@ BUILT: list[tuple[Callable[[], str], ParsedTopic]] = [
     (lambda: T.agent_request("a1"), ParsedTopic(TopicKind.AGENT_REQUEST, "proj", agent="a1")),
     (lambda: T.agent_inbox("a1"), ParsedTopic(TopicKind.AGENT_INBOX, "proj", agent="a1")),
     (lambda: T.agg_status("g1"), ParsedTopic(TopicKind.AGG_STATUS, "proj", aggregator="g1")),
+    (lambda: T.agg_agents("g1"), ParsedTopic(TopicKind.AGG_AGENTS, "proj", aggregator="g1")),
     (lambda: T.agg_model("g1"), ParsedTopic(TopicKind.AGG_MODEL, "proj", aggregator="g1")),
     (
         lambda: T.agg_local("g1", "a1"),

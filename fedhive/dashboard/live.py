@@ -32,6 +32,7 @@ from common.errors import (
     TransportError,
 )
 from common.messages import (
+    AggAgentsMessage,
     AggStatusMessage,
     ControlCommand,
     ControlReply,
@@ -106,6 +107,7 @@ class BrokerLink:
         #: The connection from its opening to its closing.
         self._open: Transport | None = None
         self._statuses: dict[str, AggStatusMessage] = {}
+        self._tables: dict[str, AggAgentsMessage] = {}  # published apart from the statuses
         self._sg: SgStatusMessage | None = None
         self._error: str | None = None
         self._version = 0
@@ -156,6 +158,7 @@ class BrokerLink:
                 await transport.__aenter__()
                 self._open = transport
                 await transport.subscribe(
+                    self.topics.all_agg_agents(),  # first: a status arrives with its table
                     self.topics.all_agg_status(),
                     self.topics.sg_status(),
                     self.reply_subscription,
@@ -214,6 +217,14 @@ class BrokerLink:
             if not isinstance(message, AggStatusMessage) or message.sender != name:
                 raise MessageError(f"{message.type!r} from {message.sender!r} on a status topic")
             self._update(message)
+        elif parsed.kind is TopicKind.AGG_AGENTS and parsed.aggregator is not None:
+            if not incoming.payload:
+                return
+            message = decode_message(incoming.payload)
+            name = parsed.aggregator
+            if not isinstance(message, AggAgentsMessage) or message.sender != name:
+                raise MessageError(f"{message.type!r} from {message.sender!r} on an agents topic")
+            self._on_table(message)
         elif parsed.kind is TopicKind.SG_STATUS:
             if not incoming.payload:
                 self._sg = None
@@ -232,8 +243,20 @@ class BrokerLink:
         current = self._statuses.get(status.sender)
         if current is not None and current.ts > status.ts:
             return  # a reply's copy arrived after a newer status
-        self._statuses[status.sender] = status
+        self._statuses[status.sender] = status.with_agents(self._tables.get(status.sender))
         self._notify()
+
+    def _on_table(self, table: AggAgentsMessage) -> None:
+        if table.project != self.topics.project:
+            raise MessageError(f"agent table of project {table.project!r}")
+        current = self._tables.get(table.sender)
+        if current is not None and current.ts > table.ts:
+            return
+        self._tables[table.sender] = table
+        status = self._statuses.get(table.sender)
+        if status is not None and status.with_agents(table) != status:  # after its status
+            self._statuses[table.sender] = status.with_agents(table)
+            self._notify()
 
     def _on_reply(self, incoming: Incoming) -> None:
         pending = self._pending[incoming.correlation or b""]
