@@ -62,6 +62,7 @@ from common.exchange import (
     publish_model,
 )
 from common.messages import (
+    MAX_LISTED_CONTRIBUTORS,
     MAX_STATUS_AGENTS,
     AckMessage,
     AckStatus,
@@ -1031,6 +1032,7 @@ class AggregatorService:
         assert self._transport is not None
         assert self.engine.spec is not None
         contributors = contributors or []
+        listed = contributors[:MAX_LISTED_CONTRIBUTORS]
         message, manifest = await off_loop(
             memoryview(payload).nbytes,
             prepare_model_message,
@@ -1043,7 +1045,8 @@ class AggregatorService:
             round=self.engine.model_round,
             num_samples=sum(c.num_samples for c in contributors),
             framework=self.engine.spec.framework,
-            contributors=contributors,
+            contributors=listed,
+            contributors_omitted=len(contributors) - len(listed),
             method=method,
         )
         self._payload, self._message = payload, message

@@ -149,7 +149,9 @@ async def _monitor(
                 and message.round not in arrivals
             ):
                 arrivals[message.round] = time.perf_counter()
-                contributors[message.round] = len(message.contributors)
+                contributors[message.round] = (
+                    len(message.contributors) + message.contributors_omitted
+                )
     wall = time.perf_counter() - cpu_start[0]
     broker_cpu = _cpu_seconds(broker_pid) - cpu_start[1]
     aggregator_cpu = _cpu_seconds(aggregator_pid) - cpu_start[2]

@@ -170,7 +170,9 @@ async def _monitor(
                 and message.round not in arrivals
             ):
                 arrivals[message.round] = time.perf_counter()
-                contributors[message.round] = len(message.contributors)
+                contributors[message.round] = (
+                    len(message.contributors) + message.contributors_omitted
+                )
     wall = time.perf_counter() - started
     cpu = {k: _cpu_seconds(p) - cpu_start[k] for k, p in pids.items()}
     times = [arrivals[r] - arrivals[r - 1] for r in range(1, rounds + 1)]

@@ -96,7 +96,13 @@ class ModelMessage(_Message):
     transfer: TransferInfo | None = None
     data: bytes | None = None
     framework: str | None = Field(default=None, max_length=32)
+    #: Whose models it aggregates. A model for agents (an aggregator's ``model`` topic) lists at
+    #: most :data:`MAX_LISTED_CONTRIBUTORS` and counts the rest in ``contributors_omitted``:
+    #: every agent decodes every model, and a list of all n contributors made a round O(n^2)
+    #: (with 1000 agents, a million objects per round, most of the agents' CPU in garbage
+    #: collection). Regional results and SG models list them all.
     contributors: list[Contributor] = Field(default_factory=list, max_length=100_000)
+    contributors_omitted: Count = 0
     method: str | None = Field(default=None, max_length=64)
     #: SG models: the sha256 of the base model the federation started from (a new base starts
     #: a new federation at round 0; aggregators follow it whatever the round).
@@ -155,6 +161,9 @@ class PresenceState(StrEnum):
     #: Connected but not admitted: ``max_agents`` was reached.
     REJECTED = "REJECTED"
 
+
+#: The most contributors a model for agents lists (:attr:`ModelMessage.contributors`).
+MAX_LISTED_CONTRIBUTORS = 256
 
 #: The longest agent table an aggregator status carries (the rest are counted, not listed).
 MAX_STATUS_AGENTS = 256

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from support import broker_settings, running_aggregator
 
+import aggregator.service
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.session import AgentSession
 from broker.process import MosquittoBroker
@@ -111,3 +112,71 @@ async def test_a_round_moves_each_model_once_per_transfer(
         f"{moved} bytes moved for {expected} bytes of model transfers (ratio "
         f"{moved / expected:.3f})"
     )
+
+
+async def test_a_model_for_agents_lists_a_bounded_number_of_contributors(
+    mosquitto: MosquittoBroker,
+    project_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: a listing bound of 2 and three agents (the bound is 256: every agent decodes
+    # every model, so a model listing all n contributors made a round O(n^2)).
+    monkeypatch.setattr(aggregator.service, "MAX_LISTED_CONTRIBUTORS", 2)
+    settings = broker_settings(mosquitto)
+    config = AggregatorConfig(
+        name="a1", project=project_name, broker=settings, data_dir=tmp_path, store=False
+    )
+    base = {"w": np.zeros(10, np.float32)}
+    with running_aggregator(config) as service:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = [
+                await stack.enter_async_context(
+                    AgentSession(
+                        config=AgentConfig(
+                            agent_name=f"agent{i}",
+                            aggr_ip=mosquitto.host,
+                            reg_port=mosquitto.port,
+                            project=project_name,
+                            aggregator="a1",
+                        )
+                    )
+                )
+                for i in range(AGENTS)
+            ]
+            deadline = time.monotonic() + 30
+            while service.engine.active < AGENTS:
+                assert time.monotonic() < deadline, "agents did not come online"
+                await asyncio.sleep(0.05)
+
+            # Execute: one round, each agent weighing 1, 2 and 3 samples.
+            admin = AdminAgent(
+                aggregator_ip_address=mosquitto.host,
+                reg_port=mosquitto.port,
+                project=project_name,
+                timeout=60,
+                base_model=BaseModel("listed", base, BaseModelConvFormat.numpy_format),
+            )
+            await asyncio.to_thread(admin.initialize)
+
+            async def one_round(session: AgentSession, samples: float) -> None:
+                model = await session.wait_model(after=None, timeout=60)
+                ack = await session.submit(
+                    model.tensors,
+                    round=model.round + 1,
+                    num_samples=samples,
+                    metrics={},
+                    framework="numpy",
+                    ack_timeout=60,
+                )
+                assert ack is not None
+
+            await asyncio.gather(*(one_round(s, i + 1.0) for i, s in enumerate(sessions)))
+            got = await sessions[0].wait_model(after=0, timeout=60)
+
+    # Assert: two listed, one counted, and the sample total covers all three.
+    assert got.round == 1
+    assert len(got.message.contributors) == 2
+    assert got.message.contributors_omitted == 1
+    assert got.message.num_samples == 6.0
+    assert len(service.results[0].contributors) == AGENTS  # the aggregator knows them all

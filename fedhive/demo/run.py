@@ -324,7 +324,7 @@ async def _watch(
                 torch_adapter.load_numpy(model, tensors)
                 acc, _loss = evaluate(model, split.x_test, split.y_test)
                 result.accuracies.append(acc)
-                n = len(received.message.contributors)
+                n = len(received.message.contributors) + received.message.contributors_omitted
                 progress.console.print(
                     f"round {received.message.round:3d}: {'SG' if two_level else 'global'} "
                     "model test accuracy "
