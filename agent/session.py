@@ -318,7 +318,7 @@ class AgentSession:
     async def _handle(self, incoming: Incoming) -> None:
         parsed = self.topics.parse(incoming.topic)
         if parsed.chunk:
-            received = await self._receiver.take_chunk(incoming.payload)
+            received = self._receiver.chunk(incoming.payload)
             await self._receiver.admit()  # chunks a broker dropped are asked for at once
             if received is not None:
                 await self._on_model(received)

@@ -375,7 +375,7 @@ class AggregatorService:
         if parsed.chunk:
             # An agent's chunks belong to the upload it announced itself.
             own = incoming.topic.rsplit("/", 1)[0] if parsed.kind is TopicKind.AGG_LOCAL else None
-            received = await self._receiver.take_chunk(incoming.payload, announced_on=own)
+            received = self._receiver.chunk(incoming.payload, announced_on=own)
             # Ask for more chunks as these arrive; a finished upload's budget goes to the next.
             await self._receiver.admit()
             if received is not None:

@@ -29,7 +29,6 @@ from common.chunking import (
     iter_chunk_segments,
     make_manifest,
     parse_chunk_frame,
-    worker_room,
 )
 from common.codec import Buffer
 from common.errors import FedhiveError, FrameError, MessageError
@@ -328,28 +327,6 @@ class ModelReceiver:
 
         ``announced_on``: the topic the chunk's transfer must have been announced on (a chunk
         on an agent's topic belongs to that agent's upload, not to another's)."""
-        pending = self._add(frame, announced_on)
-        return None if pending is None else self._finish(pending)
-
-    async def take_chunk(
-        self, frame: Buffer, *, announced_on: str | None = None
-    ) -> ReceivedModel | None:
-        """:meth:`chunk` for a consumer on an event loop: waits for the chunk worker (large
-        transfers copy and hash there) by awaiting, never by blocking the loop."""
-        await worker_room()
-        pending = self._add(frame, announced_on)
-        if pending is None:
-            return None
-        await pending.reassembler.stored()
-        return self._finish(pending)
-
-    @staticmethod
-    def _finish(pending: _Pending) -> ReceivedModel:
-        payload = pending.reassembler.result()  # FrameError on a hash mismatch
-        return ReceivedModel(pending.topic, pending.message, payload)
-
-    def _add(self, frame: Buffer, announced_on: str | None) -> _Pending | None:
-        """Store one chunk; its transfer (ended here) when that was its last chunk."""
         parsed = parse_chunk_frame(frame)
         pending = self._pending.get(parsed.transfer_id)
         if pending is None:
@@ -385,7 +362,8 @@ class ModelReceiver:
                 self._gaps.add(parsed.transfer_id)
             return None
         self._forget(parsed.transfer_id)
-        return pending
+        payload = pending.reassembler.result()  # FrameError on a hash mismatch
+        return ReceivedModel(pending.topic, pending.message, payload)
 
     def pending_for(self, topic: str) -> ModelMessage | None:
         tid = self._by_topic.get(topic)

@@ -7,21 +7,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from types import TracebackType
 from typing import Self
 
 import pytest
 
-from common.chunking import (
-    _WORKER,
-    MAX_BACKLOG,
-    OFFLOAD_BYTES,
-    Manifest,
-    iter_chunk_frames,
-    make_manifest,
-)
+from common.chunking import Manifest, iter_chunk_frames, make_manifest
 from common.errors import FrameError, MessageError, TransportError
 from common.exchange import (
     ModelReceiver,
@@ -186,42 +178,6 @@ def test_chunks_out_of_order_reassemble() -> None:
     # Assert
     assert results[:-1] == [None] * (len(frames) - 1)
     done = results[-1]
-    assert done is not None
-    assert bytes(done.payload) == payload
-
-
-async def test_taking_chunks_waits_for_a_busy_chunk_worker_without_blocking_the_loop() -> None:
-    # Prepare: a transfer large enough for the chunk worker (copy and hash off the loop), and
-    # the worker held busy, as a CPU-starved thread would be.
-    payload = payload_of(OFFLOAD_BYTES + (MAX_BACKLOG + 4) * 65_536)
-    message, manifest = prepare_model_message(
-        payload, chunk_size=65_536, project="proj", sender="g1", kind=ModelKind.GLOBAL, round=1
-    )
-    assert manifest is not None
-    receiver = ModelReceiver(max_bytes=1 << 30)
-    receiver.announce(TOPIC, message)
-    busy = threading.Event()
-
-    def hold() -> None:
-        busy.wait(WAIT * 5)
-
-    blocker = _WORKER.submit(hold)
-
-    async def take_all() -> ReceivedModel | None:
-        results = [await receiver.take_chunk(f) for f in frames_of(payload, manifest)]
-        return results[-1]
-
-    # Execute: the loop keeps running other work while the chunks wait for the worker.
-    taking = asyncio.create_task(take_all())
-    for _ in range(10):
-        await asyncio.sleep(0.005)
-    waiting = not taking.done()
-    busy.set()
-    done = await asyncio.wait_for(taking, WAIT)
-    blocker.result(WAIT)
-
-    # Assert
-    assert waiting  # (a blocked loop would have run the transfer to its end first)
     assert done is not None
     assert bytes(done.payload) == payload
 

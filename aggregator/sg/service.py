@@ -258,7 +258,7 @@ class SgAggregatorService:
     async def _handle(self, incoming: Incoming) -> None:
         parsed = self.topics.parse(incoming.topic)
         if parsed.chunk:
-            received = await self._receiver.take_chunk(incoming.payload)
+            received = self._receiver.chunk(incoming.payload)
             if received is not None:
                 await self._on_model(received)
             return

@@ -296,7 +296,7 @@ async def _watch(
                 except TimeoutError:
                     continue
                 if Topics.chunks(model_topic) == incoming.topic:
-                    received = await receiver.take_chunk(incoming.payload)
+                    received = receiver.chunk(incoming.payload)
                 elif not incoming.payload:
                     continue
                 else:
