@@ -20,8 +20,8 @@ from common.adapters import get_adapter
 from common.codec import encode
 from common.config import AgentConfig
 from common.errors import ConfigError, FedhiveTimeoutError
-from common.exchange import prepare_model_message, publish_model
-from common.messages import AggStatusMessage, ModelKind, decode_message
+from common.exchange import prepare_model_message, publish_chunks, publish_model
+from common.messages import AggStatusMessage, ModelKind, ResendRequest, decode_message
 from common.topics import Topics
 from common.transport import MqttTransport
 
@@ -120,7 +120,9 @@ class AdminAgent:
         async with MqttTransport(
             settings=cfg.broker(), client_id=f"{cfg.project}.admin.{cfg.agent_name}"
         ) as t:
-            await t.subscribe(topics.all_agg_status())
+            # Aggregators ask here for chunks that never reached them: a broker whose queue
+            # for a slow reader is full drops what comes next (a 1 GB base model, measured).
+            await t.subscribe(topics.all_agg_status(), topics.agent_inbox(cfg.agent_name))
             await publish_model(t, topics.base(), message, payload, manifest, retain=True)
             log.info("base model published (%d bytes, sha256 %s…)", len(payload), sha[:12])
 
@@ -128,9 +130,26 @@ class AdminAgent:
                 async for incoming in t.messages():
                     if not incoming.payload:
                         continue
-                    status = decode_message(incoming.payload)
-                    if isinstance(status, AggStatusMessage) and status.base_sha == sha:
-                        return status.sender
+                    received = decode_message(incoming.payload)
+                    if isinstance(received, AggStatusMessage) and received.base_sha == sha:
+                        return received.sender
+                    if (
+                        isinstance(received, ResendRequest)
+                        and manifest is not None
+                        and received.transfer_id == manifest.transfer_id
+                    ):
+                        log.info(
+                            "%s asked for %d chunks of the base model again",
+                            received.sender,
+                            len(received.chunks),
+                        )
+                        await publish_chunks(
+                            t,
+                            Topics.chunks(topics.base()),
+                            payload,
+                            manifest,
+                            indices=received.chunks,
+                        )
                 raise ConfigError("connection closed before an aggregator confirmed")
 
             try:

@@ -1098,15 +1098,15 @@ class AggregatorService:
         )
 
     async def _request_missing(self, topic: str, message: ModelMessage, missing: list[int]) -> None:
-        """Ask an agent to re-send the chunks of its upload that never arrived (or the
-        sg-aggregator to send the missing chunks of its model)."""
+        """Ask an agent (or the admin, for the base model) to re-send the chunks of its upload
+        that never arrived (or the sg-aggregator to send the missing chunks of its model)."""
         assert self._transport is not None
         if message.kind is ModelKind.SG:
             if self._link is not None:
                 await self._link.request_chunks(message, missing)
             return
-        if message.kind is not ModelKind.LOCAL or message.transfer is None:
-            return
+        if message.kind not in (ModelKind.LOCAL, ModelKind.BASE) or message.transfer is None:
+            return  # (an admin serves its base upload's chunks while it waits: agent/admin.py)
         request = ResendRequest(
             project=self.config.project,
             sender=self.name,

@@ -9,24 +9,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from support import ROOT, broker_settings, python_env, running_aggregator
 
+import agent.admin
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.session import AgentSession
 from broker.process import MosquittoBroker
-from common.codec import Array
+from common import exchange
+from common.chunking import Manifest
+from common.codec import Array, Buffer
 from common.config import AgentConfig, AggregatorConfig
 from common.messages import (
     AgentState,
     AgentStatusMessage,
     HeartbeatMessage,
+    ModelMessage,
     encode_message,
 )
 from common.topics import Topics
-from common.transport import MqttTransport
+from common.transport import MqttTransport, Transport
 
 pytestmark = [pytest.mark.broker, pytest.mark.slow]
 
@@ -43,8 +48,8 @@ def _agent_config(broker: MosquittoBroker, project: str, name: str) -> AgentConf
     )
 
 
-def _upload_base(broker: MosquittoBroker, project: str, model: dict[str, Array]) -> None:
-    AdminAgent(
+def _upload_base(broker: MosquittoBroker, project: str, model: dict[str, Array]) -> str:
+    return AdminAgent(
         aggregator_ip_address=broker.host,
         reg_port=broker.port,
         project=project,
@@ -189,3 +194,60 @@ async def test_heartbeats_are_handled_within_100_ms_while_a_200_mb_model_streams
         f"heartbeat handled {max(window) * 1000:.0f} ms after it was sent "
         f"(median {sorted(window)[len(window) // 2] * 1000:.0f} ms)"
     )
+
+
+@pytest.mark.timeout(60)
+async def test_base_chunks_the_broker_dropped_are_asked_for_and_sent_again(
+    mosquitto: MosquittoBroker,
+    project_name: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: an admin whose first sending of the base model loses chunk 1, as a broker does
+    # when its queue for a slow aggregator is full (measured with a 1 GB base model).
+    sent: list[list[int]] = []
+    real_publish_chunks = exchange.publish_chunks
+
+    async def lossy_publish_model(
+        transport: Transport,
+        topic: str,
+        message: ModelMessage,
+        payload: Buffer,
+        manifest: Manifest | None,
+        *,
+        retain: bool = False,
+        max_inflight: int = 16,
+    ) -> int:
+        assert manifest is not None
+        await transport.publish(topic, encode_message(message), retain=retain)
+        indices = [i for i in range(manifest.count) if i != 1]
+        sent.append(indices)
+        return await real_publish_chunks(
+            transport, Topics.chunks(topic), payload, manifest, indices=indices
+        )
+
+    async def counted_publish_chunks(*args: Any, **kwargs: Any) -> int:
+        sent.append(list(kwargs["indices"]))
+        return await real_publish_chunks(*args, **kwargs)
+
+    monkeypatch.setattr(agent.admin, "publish_model", lossy_publish_model)
+    monkeypatch.setattr(agent.admin, "publish_chunks", counted_publish_chunks)
+    config = AggregatorConfig(
+        name="a1",
+        project=project_name,
+        broker=broker_settings(mosquitto),
+        data_dir=tmp_path,
+        store=False,
+    )
+    base = {"w": np.arange(750_000, dtype=np.float32)}  # 3 MB: 3 chunks
+
+    # Execute
+    with running_aggregator(config) as service:
+        sha = await asyncio.to_thread(_upload_base, mosquitto, project_name, base)
+        got = service.engine.model
+
+    # Assert: the aggregator asked for chunk 1, the admin sent it, the base model is whole.
+    assert sent == [[0, 2], [1]]
+    assert sha is not None
+    assert got is not None
+    np.testing.assert_array_equal(got["w"], base["w"])
