@@ -170,8 +170,9 @@ class ControlClient:
             if self._table is not None and self._table.ts > message.ts:
                 return  # older than the table we have
             self._table = message
-            if self._status is not None and self._status.with_agents(message) != self._status:
-                self._status = self._status.with_agents(message)  # it came after its status
+            merged = None if self._status is None else self._status.with_agents(message)
+            if merged is not self._status:  # it came after its status
+                self._status = merged
                 self._changed()
         elif isinstance(message, ControlReply):
             fut = self._pending.get(incoming.correlation or b"")

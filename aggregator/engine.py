@@ -324,13 +324,12 @@ class RoundEngine:
         if record is None:
             record = self.agents[name] = AgentRecord(name, status=AgentState.OFFLINE)
         was_active = self._presence(record, now) is PresenceState.ACTIVE
-        self._active_cache = None
         record.status = state
         if state is AgentState.ONLINE:
             record.last_seen = now
             if not was_active:  # an agent that holds its place keeps it across reconnects
                 record.rejected = not self._room_for(record, now)
-        self._active_cache = None  # (_room_for counted before the verdict)
+        self._active_cache = None
         return record
 
     def heartbeat(self, name: str) -> AgentRecord | None:
@@ -342,11 +341,10 @@ class RoundEngine:
         now = self._clock()
         was = self._presence(record, now)
         record.last_seen = now
+        if was is PresenceState.TIMEOUT:
+            record.rejected = not self._room_for(record, now)
         if was is not PresenceState.ACTIVE:  # (an active agent stays active: the count holds)
             self._active_cache = None
-            if was is PresenceState.TIMEOUT:
-                record.rejected = not self._room_for(record, now)
-                self._active_cache = None  # (_room_for counted before the verdict)
         return record
 
     def admit_waiting(self) -> list[str]:
@@ -369,7 +367,13 @@ class RoundEngine:
     def _room_for(self, record: AgentRecord, now: float) -> bool:
         if self._max_agents == 0:
             return True
-        taken = self.active - (self._presence(record, now) is PresenceState.ACTIVE)
+        # Counted afresh (the cached count may predate this agent's change): only when an
+        # agent arrives or returns, and only with a limit.
+        taken = sum(
+            1
+            for a in self.agents.values()
+            if a is not record and self._presence(a, now) is PresenceState.ACTIVE
+        )
         return taken < self._max_agents
 
     # ---------------------------------------------------------------- models

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from support import broker_settings, running_aggregator
 import aggregator.service
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.session import AgentSession
+from aggregator.service import AggregatorService
 from broker.process import MosquittoBroker
 from common.codec import encode_frame
 from common.config import AgentConfig, AggregatorConfig
@@ -44,6 +46,36 @@ def _transfers(agents: int, rounds: int) -> int:
     aggregator out), model 0 (1 in, one out per agent), then per round every agent's model
     (in and out) and the new model (1 in, one out per agent)."""
     return 2 + (1 + agents) + rounds * (2 * agents + 1 + agents)
+
+
+async def _online_agents(
+    stack: contextlib.AsyncExitStack,
+    service: AggregatorService,
+    broker: MosquittoBroker,
+    project: str,
+    **settings: Any,
+) -> list[AgentSession]:
+    """AGENTS agent sessions of aggregator a1, once it counts them all as active."""
+    sessions = [
+        await stack.enter_async_context(
+            AgentSession(
+                config=AgentConfig(
+                    agent_name=f"agent{i}",
+                    aggr_ip=broker.host,
+                    reg_port=broker.port,
+                    project=project,
+                    aggregator="a1",
+                    **settings,
+                )
+            )
+        )
+        for i in range(AGENTS)
+    ]
+    deadline = time.monotonic() + 30
+    while service.engine.active < AGENTS:
+        assert time.monotonic() < deadline, "agents did not come online"
+        await asyncio.sleep(0.05)
+    return sessions
 
 
 async def _train(session: AgentSession, delta: float) -> None:
@@ -72,25 +104,9 @@ async def test_a_round_moves_each_model_once_per_transfer(
     model_bytes = encode_frame(base).nbytes
     with running_aggregator(config) as service:
         async with contextlib.AsyncExitStack() as stack:
-            sessions = [
-                await stack.enter_async_context(
-                    AgentSession(
-                        config=AgentConfig(
-                            agent_name=f"agent{i}",
-                            aggr_ip=fresh_broker.host,
-                            reg_port=fresh_broker.port,
-                            project=project_name,
-                            aggregator="a1",
-                            heartbeat_interval=60,
-                        )
-                    )
-                )
-                for i in range(AGENTS)
-            ]
-            deadline = time.monotonic() + 30
-            while service.engine.active < AGENTS:
-                assert time.monotonic() < deadline, "agents did not come online"
-                await asyncio.sleep(0.05)
+            sessions = await _online_agents(
+                stack, service, fresh_broker, project_name, heartbeat_interval=60
+            )
             before = _broker_io(fresh_broker)
 
             # Execute: upload the base model, train two rounds.
@@ -130,24 +146,7 @@ async def test_a_model_for_agents_lists_a_bounded_number_of_contributors(
     base = {"w": np.zeros(10, np.float32)}
     with running_aggregator(config) as service:
         async with contextlib.AsyncExitStack() as stack:
-            sessions = [
-                await stack.enter_async_context(
-                    AgentSession(
-                        config=AgentConfig(
-                            agent_name=f"agent{i}",
-                            aggr_ip=mosquitto.host,
-                            reg_port=mosquitto.port,
-                            project=project_name,
-                            aggregator="a1",
-                        )
-                    )
-                )
-                for i in range(AGENTS)
-            ]
-            deadline = time.monotonic() + 30
-            while service.engine.active < AGENTS:
-                assert time.monotonic() < deadline, "agents did not come online"
-                await asyncio.sleep(0.05)
+            sessions = await _online_agents(stack, service, mosquitto, project_name)
 
             # Execute: one round, each agent weighing 1, 2 and 3 samples.
             admin = AdminAgent(

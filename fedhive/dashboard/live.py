@@ -254,8 +254,9 @@ class BrokerLink:
             return
         self._tables[table.sender] = table
         status = self._statuses.get(table.sender)
-        if status is not None and status.with_agents(table) != status:  # after its status
-            self._statuses[table.sender] = status.with_agents(table)
+        merged = None if status is None else status.with_agents(table)
+        if merged is not None and merged is not status:  # it came after its status
+            self._statuses[table.sender] = merged
             self._notify()
 
     def _on_reply(self, incoming: Incoming) -> None:
