@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
 from aggregator.engine import RoundEngine, RoundResult
@@ -162,6 +163,10 @@ class AggregatorService:
         # Each engine change and the store write that goes with it happen in one piece: no
         # round completes between accepting a model and recording it.
         self._round_lock = asyncio.Lock()
+        # What an engine change announces (a new model, a regional result) goes out under this
+        # lock, taken before the round lock is let go: announcements keep the order of the
+        # changes, and uploads of the new round are taken while the broker confirms them.
+        self._announce_lock = asyncio.Lock()
         #: Completed rounds (under an sg-aggregator: the regional results, in float64).
         self.results: list[RoundResult] = []
         self.round_completed = asyncio.Condition()
@@ -445,7 +450,7 @@ class AggregatorService:
             if self.engine.presence(name) not in (None, PresenceState.OFFLINE):
                 log.info("agent %s moved to aggregator %s", name, message.aggregator)
                 self.engine.agent_status(name, AgentState.OFFLINE)
-                if self._review_presence(name) and await self._maybe_complete() is None:
+                if self._review_presence(name) and await self._maybe_complete(wait=False) is None:
                     await self._status_changed()
             return
         if (
@@ -466,7 +471,7 @@ class AggregatorService:
                 record.name,
                 self.engine.agent_timeout,
             )
-        if self._review_presence(record.name) and await self._maybe_complete() is None:
+        if self._review_presence(record.name) and await self._maybe_complete(wait=False) is None:
             await self._status_changed()
 
     def _will_is_due(self, since: float, now: float) -> bool:
@@ -502,7 +507,7 @@ class AggregatorService:
             return
         if before is PresenceState.TIMEOUT:  # back from TIMEOUT: admitted again if there is room
             await self._notify_admission(record.name, record.rejected)
-        if self._review_presence(record.name) and await self._maybe_complete() is None:
+        if self._review_presence(record.name) and await self._maybe_complete(wait=False) is None:
             await self._status_changed()
 
     def _review_presence(self, *names: str) -> bool:
@@ -582,13 +587,18 @@ class AggregatorService:
                 return
             self._base_sha = sha
             self.engine.set_model(tensors, round=0, spec=spec)
+            await self._announce_lock.acquire()
         log.info(
             "base model from %s: %d tensors, %d bytes; round 1 open",
             received.message.sender,
             len(spec.tensors),
             spec.nbytes,
         )
-        await self._publish_model(received.payload, digest=_transfer_digest(received))
+        await self._announce(
+            functools.partial(
+                self._publish_model, received.payload, digest=_transfer_digest(received)
+            )
+        )
 
     # ------------------------------------------------------------ SG layer
     def _sg_is_newer(self, message: ModelMessage) -> bool:
@@ -629,6 +639,7 @@ class AggregatorService:
             if new_base:
                 self._base_sha = m.base_sha
             e.set_model(tensors, round=m.round, spec=spec)
+            await self._announce_lock.acquire()
         if self._link is not None:
             self._link.settled(m.round)
         log.info(
@@ -638,14 +649,15 @@ class AggregatorService:
             len(m.contributors),
             e.round,
         )
-        await self._publish_model(
-            received.payload,
-            contributors=list(m.contributors),
-            method=m.method,
-            digest=_transfer_digest(received),
+        await self._announce(
+            functools.partial(
+                self._publish_global,
+                received.payload,
+                contributors=list(m.contributors),
+                method=m.method,
+                digest=_transfer_digest(received),
+            )
         )
-        async with self.round_completed:
-            self.round_completed.notify_all()
 
     def _refusal(self, agent: str) -> tuple[Refusal, str] | None:
         """Why ``agent``'s submissions are refused outright now, if they are."""
@@ -711,7 +723,7 @@ class AggregatorService:
                 self.engine.collected,
                 self.engine.needed,
             )
-            if await self._maybe_complete() is None:
+            if await self._maybe_complete(wait=False) is None:
                 await self._status_changed()
 
     def _unpack_local(self, payload: Buffer) -> dict[str, Array]:
@@ -788,18 +800,62 @@ class AggregatorService:
             refusal=refusal,
         )
         assert self._transport is not None
-        await self._transport.publish(self.topics.agent_inbox(agent), encode_message(ack))
+        # Not waiting for the broker's PUBACK: the next upload is taken at once.
+        await self._transport.publish(
+            self.topics.agent_inbox(agent), encode_message(ack), confirm=False
+        )
 
-    async def _maybe_complete(self, *, force: bool = False) -> RoundResult | None:
+    async def _maybe_complete(
+        self, *, force: bool = False, wait: bool = True
+    ) -> RoundResult | None:
         """Aggregate the open round if it is ready (or ``force``: with what was collected);
         StrategyError when a forced round cannot be aggregated. A round resumed from the
-        store completes on the threshold only once ``resume_grace`` is over."""
+        store completes on the threshold only once ``resume_grace`` is over.
+
+        ``wait=False`` (the consumer of messages): the new model is published beside it, so
+        the next round's uploads are taken while the broker confirms the model."""
         if not force and self._holding():
             return None
         async with self._round_lock:
-            return await self._aggregate(force=force)
+            completed = await self._aggregate(force=force)
+            if completed is None:
+                return None
+            await self._announce_lock.acquire()
+        result, announcing = completed
+        if wait:
+            await self._announce(announcing)
+        else:
+            task = asyncio.create_task(
+                self._announce_beside(result.round, announcing), name="announce"
+            )
+            self._model_tasks.add(task)
+            task.add_done_callback(self._model_tasks.discard)
+        return result
 
-    async def _aggregate(self, *, force: bool) -> RoundResult | None:
+    async def _announce_beside(self, round: int, announcing: Callable[[], Awaitable[None]]) -> None:
+        """:meth:`_announce` in a task of its own: what goes wrong is logged."""
+        try:
+            await self._announce(announcing)
+        except FedhiveError as exc:  # e.g. the broker went away: agents ask for the model
+            log.warning("round %d: cannot publish its outcome: %s", round, exc)
+        except Exception as exc:  # a bug: logged and counted, the aggregator keeps serving
+            self._rejects.internal(
+                "announce", "round %d: cannot publish its outcome", round, exc=exc
+            )
+
+    async def _announce(self, announcing: Callable[[], Awaitable[None]]) -> None:
+        """Publish what an engine change announces; the caller took ``_announce_lock`` while it
+        held the round lock (see ``__init__``)."""
+        try:
+            await announcing()
+        finally:
+            self._announce_lock.release()
+
+    async def _aggregate(
+        self, *, force: bool
+    ) -> tuple[RoundResult, Callable[[], Awaitable[None]]] | None:
+        """Complete the open round: the result, recorded, and what announces it (for the
+        caller to run once the round lock is let go)."""
         if self.state is not AggregatorState.ACTIVE:
             return None
         if not force and not self.engine.ready():
@@ -823,15 +879,7 @@ class AggregatorService:
                 self._sg,
             )
             self.results.append(result)
-            assert self.engine.spec is not None
-            await self._link.send(
-                result,
-                framework=self.engine.spec.framework,
-                base_sha=self._base_sha,
-                payload=regional,
-            )
-            await self._publish_status()
-            return result
+            return result, functools.partial(self._send_regional, result, regional)
         spec = self.engine.spec
         size = 0 if spec is None else spec.nbytes
         result = await off_loop(size, self.engine.complete, force=force)
@@ -853,10 +901,31 @@ class AggregatorService:
         contributors = [
             Contributor(agent=c.agent, num_samples=c.num_samples) for c in result.contributors
         ]
-        await self._publish_model(payload, contributors=contributors, method=result.method)
+        return result, functools.partial(
+            self._publish_global, payload, contributors=contributors, method=result.method
+        )
+
+    async def _send_regional(self, result: RoundResult, payload: bytes) -> None:
+        assert self._link is not None
+        assert self.engine.spec is not None
+        await self._link.send(
+            result, framework=self.engine.spec.framework, base_sha=self._base_sha, payload=payload
+        )
+        await self._publish_status()
+
+    async def _publish_global(
+        self,
+        payload: Buffer,
+        *,
+        contributors: list[Contributor],
+        method: str | None,
+        digest: str | None = None,
+    ) -> None:
+        """Publish a new model of a round (aggregated here or by the SG layer) and tell those
+        who wait for one."""
+        await self._publish_model(payload, contributors=contributors, method=method, digest=digest)
         async with self.round_completed:
             self.round_completed.notify_all()
-        return result
 
     # ------------------------------------------------------------ store
     async def _open_store(self) -> None:
@@ -1363,10 +1432,10 @@ class AggregatorService:
         # The table first: a reader that subscribes to both gets it before the status.
         status, table = self.status().split()
         await self._transport.publish(
-            self.topics.agg_agents(self.name), encode_message(table), retain=True
+            self.topics.agg_agents(self.name), encode_message(table), retain=True, confirm=False
         )
         await self._transport.publish(
-            self.topics.agg_status(self.name), encode_message(status), retain=True
+            self.topics.agg_status(self.name), encode_message(status), retain=True, confirm=False
         )
 
 

@@ -213,8 +213,13 @@ class Transport(ABC):
         retain: bool = False,
         correlation: bytes | None = None,
         response_topic: str | None = None,
+        confirm: bool = True,
     ) -> None:
-        """Publish; for QoS 1 returns once the broker acknowledged it."""
+        """Publish; for QoS 1 returns once the broker acknowledged it. ``confirm=False``: returns
+        once the message is queued for sending (still QoS 1: it is sent again after a
+        reconnect), and a refusal by the broker is logged instead of raised. For messages
+        whose sender goes on at once (acknowledgements, statuses): waiting for every PUBACK
+        costs a round trip to a broker that may be busy fanning out a model."""
 
     @abstractmethod
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
@@ -257,6 +262,8 @@ class _AckCheckingClient(aiomqtt.Client):
         super().__init__(*args, **kwargs)
         LeanPahoClient.adopt(self._client)  # paho's state machine, fewer copies (mqtt_io.py)
         self._refused: dict[int, ReasonCode] = {}
+        #: QoS 1 publishes nobody waits for (``confirm=False``), by mid: their topics.
+        self._unconfirmed: dict[int, str] = {}
         self._deliver = deliver
         self._end_session = end_session
         #: The broker's CONNACK said it still had this client's session.
@@ -330,8 +337,12 @@ class _AckCheckingClient(aiomqtt.Client):
         reason_code: ReasonCode,
         properties: Properties,
     ) -> None:
+        topic = self._unconfirmed.pop(mid, None)
         if reason_code.is_failure:
-            self._refused[mid] = reason_code
+            if topic is None:
+                self._refused[mid] = reason_code
+            else:  # nobody waits for this one: say so here
+                log.warning("the broker refused a publish to %s: %s", topic, reason_code)
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     async def publish(  # type: ignore[override]
@@ -341,10 +352,16 @@ class _AckCheckingClient(aiomqtt.Client):
         qos: int = 0,
         retain: bool = False,
         properties: Properties | None = None,
+        *,
+        confirm: bool = True,
     ) -> None:
         info = self._client.publish(topic, payload, qos, retain, properties)  # type: ignore[arg-type]
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not confirm:
+            if qos > 0:
+                self._unconfirmed[info.mid] = topic
+            return
         if not info.is_published():
             # A bare future, not aiomqtt's Event.wait() coroutine: no task per publish.
             confirmation = _Confirmation(asyncio.get_running_loop().create_future())
@@ -684,6 +701,7 @@ class MqttTransport(Transport):
         retain: bool = False,
         correlation: bytes | None = None,
         response_topic: str | None = None,
+        confirm: bool = True,
     ) -> None:
         # Fixed header, topic and properties need a few bytes beyond the payload.
         if len(payload) + len(topic) + 64 > self._settings.max_packet_size:
@@ -703,7 +721,9 @@ class MqttTransport(Transport):
             if response_topic is not None:
                 props.ResponseTopic = response_topic
         try:
-            await client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+            await client.publish(
+                topic, payload, qos=qos, retain=retain, properties=props, confirm=confirm
+            )
         except aiomqtt.MqttCodeError as exc:
             if isinstance(exc.rc, ReasonCode) and exc.rc.is_failure:
                 raise TransportError(f"publish to {topic} refused by the broker: {exc}") from exc
@@ -803,6 +823,7 @@ class InMemoryTransport(Transport):
         retain: bool = False,
         correlation: bytes | None = None,
         response_topic: str | None = None,
+        confirm: bool = True,
     ) -> None:
         if not self.connected:
             raise NotConnectedError("in-memory transport is not open")

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +20,21 @@ import numpy as np
 from agent.client import LoopThread
 from aggregator.service import AggregatorService
 from broker.process import MosquittoBroker
-from common.codec import Array, decode
+from common.codec import Array, decode, encode
 from common.config import AggregatorConfig, BrokerSettings
 from common.errors import FedhiveError
 from common.exchange import ModelReceiver
-from common.messages import ModelKind, ModelMessage, decode_message
+from common.messages import (
+    AckStatus,
+    AgentState,
+    AgentStatusMessage,
+    ModelKind,
+    ModelMessage,
+    decode_message,
+    encode_message,
+)
 from common.topics import Topics
-from common.transport import MqttTransport
+from common.transport import InMemoryBus, InMemoryTransport, MqttTransport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +170,90 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [sys.executable, *args], stdout=out, stderr=subprocess.STDOUT, env=python_env()
         )
+
+
+# ------------------------------------------------------------------ in memory (no broker)
+@dataclass
+class Peer:
+    """Agents (and an admin) on an in-memory bus: what they publish, what comes back."""
+
+    transport: InMemoryTransport
+    topics: Topics
+    got: list[tuple[str, Any]] = field(default_factory=list)
+
+    async def collect(self) -> None:
+        async for incoming in self.transport.messages():
+            if incoming.payload:
+                self.got.append((incoming.topic, decode_message(incoming.payload)))
+
+    def on(self, topic: str) -> list[Any]:
+        return [m for t, m in self.got if t == topic]
+
+    def acks(self, agent: str) -> list[AckStatus]:
+        return [m.status for m in self.on(self.topics.agent_inbox(agent)) if hasattr(m, "status")]
+
+    async def until(self, predicate: Callable[[], bool], what: str) -> None:
+        for _ in range(250):
+            if predicate():
+                return
+            await asyncio.sleep(0.02)  # a polling period
+        raise AssertionError(f"timed out waiting for {what}: {self.got}")
+
+    async def online(self, *agents: str) -> None:
+        for agent in agents:
+            status = AgentStatusMessage(
+                project=self.topics.project, sender=agent, state=AgentState.ONLINE, aggregator="a1"
+            )
+            await self.transport.publish(
+                self.topics.agent_status(agent), encode_message(status), retain=True
+            )
+
+    async def base(self, tensors: dict[str, Array]) -> None:
+        message = ModelMessage(
+            project=self.topics.project, sender="admin", kind=ModelKind.BASE, round=0,
+            data=encode(tensors),
+        )  # fmt: skip
+        await self.transport.publish(self.topics.base(), encode_message(message), retain=True)
+
+    async def local(self, agent: str, round: int, tensors: dict[str, Array], n: float) -> None:
+        message = ModelMessage(
+            project=self.topics.project, sender=agent, kind=ModelKind.LOCAL, round=round,
+            num_samples=n, metrics={"accuracy": n / 100}, data=encode(tensors),
+        )  # fmt: skip
+        await self.transport.publish(self.topics.agg_local("a1", agent), encode_message(message))
+
+
+@contextlib.asynccontextmanager
+async def peer_on(bus: InMemoryBus, project: str) -> AsyncIterator[Peer]:
+    topics = Topics(project)
+    async with InMemoryTransport(bus=bus) as transport:
+        await transport.subscribe(f"{topics.root}/agents/+/inbox", topics.agg_model("a1"))
+        peer = Peer(transport, topics)
+        collector = asyncio.create_task(peer.collect())
+        try:
+            yield peer
+        finally:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: AggregatorConfig,
+    bus: InMemoryBus,
+    *,
+    transport: InMemoryTransport | None = None,
+    persist: bool = True,
+) -> AsyncIterator[AggregatorService]:
+    """An aggregator serving on ``bus`` (through ``transport`` if given) until the block ends."""
+    service = AggregatorService(
+        config=config, transport=transport or InMemoryTransport(bus=bus), persist=persist
+    )
+    ready = asyncio.Event()
+    task = asyncio.create_task(service.run(ready=ready))
+    await asyncio.wait_for(ready.wait(), 5)
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 10)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import queue
 import signal
 import stat
@@ -1124,3 +1125,26 @@ async def test_our_transport_raises_when_the_broker_refuses_a_publish(secured: S
         with pytest.raises(TransportError, match="refused"):
             await transport.publish(f"{ROOT}/agg/aggr1/local/a2", b"spoof")
         assert transport.connected
+
+
+@pytest.mark.broker
+async def test_an_unconfirmed_publish_the_broker_refuses_is_logged(
+    secured: Secured, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: agent a1 through fedhive's transport; a refusal of a publish nobody waits for
+    # (confirm=False: acknowledgements, statuses) must still be told, in the log.
+    spoof = f"{ROOT}/agg/aggr1/local/a2"
+    async with MqttTransport(settings=secured.settings("a1")) as transport:
+        with caplog.at_level(logging.WARNING, logger="fedhive.transport"):
+            # Execute: returns at once; the PUBACK 0x87 comes later.
+            await transport.publish(spoof, b"spoof", confirm=False)
+            # A confirmed publish after it: its PUBACK comes after the refusal's.
+            await transport.publish(f"{ROOT}/agents/a1/heartbeat", b"ok")
+            with pytest.raises(TransportError, match="refused"):
+                await transport.publish(spoof, b"spoof again")
+
+    # Assert: the refusal named its topic in one warning; the confirmed refusal still raised.
+    refusals = [r.getMessage() for r in caplog.records if "refused a publish" in r.getMessage()]
+    assert len(refusals) == 1
+    assert spoof in refusals[0]
+    assert "Not authorized" in refusals[0]

@@ -11,11 +11,10 @@ model only once the restarted aggregator says (in its status) that it resumed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import broker_settings, running_aggregator, spawn, weighted_mean
+from support import (
+    broker_settings,
+    peer_on,
+    running_aggregator,
+    serving,
+    spawn,
+    weighted_mean,
+)
 
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.client import BasicClient, LoopThread
@@ -35,8 +41,6 @@ from common.config import AggregatorConfig, BrokerSettings, SgAggregatorConfig
 from common.exchange import ModelReceiver
 from common.messages import (
     AckStatus,
-    AgentState,
-    AgentStatusMessage,
     AggregatorState,
     AggStatusMessage,
     ModelKind,
@@ -490,83 +494,6 @@ def test_killed_sg_aggregator_resumes_with_the_regional_results_it_had(
 
 
 # ------------------------------------------------------------------ in memory (no broker)
-@dataclass
-class Peer:
-    """Agents (and an admin) on an in-memory bus: what they publish, what comes back."""
-
-    transport: InMemoryTransport
-    topics: Topics
-    got: list[tuple[str, Any]] = field(default_factory=list)
-
-    async def collect(self) -> None:
-        async for incoming in self.transport.messages():
-            if incoming.payload:
-                self.got.append((incoming.topic, decode_message(incoming.payload)))
-
-    def on(self, topic: str) -> list[Any]:
-        return [m for t, m in self.got if t == topic]
-
-    def acks(self, agent: str) -> list[AckStatus]:
-        return [m.status for m in self.on(self.topics.agent_inbox(agent)) if hasattr(m, "status")]
-
-    async def until(self, predicate: Callable[[], bool], what: str) -> None:
-        for _ in range(250):
-            if predicate():
-                return
-            await asyncio.sleep(0.02)  # a polling period
-        raise AssertionError(f"timed out waiting for {what}: {self.got}")
-
-    async def online(self, *agents: str) -> None:
-        for agent in agents:
-            status = AgentStatusMessage(
-                project=self.topics.project, sender=agent, state=AgentState.ONLINE, aggregator="a1"
-            )
-            await self.transport.publish(
-                self.topics.agent_status(agent), encode_message(status), retain=True
-            )
-
-    async def base(self, tensors: dict[str, Array]) -> None:
-        message = ModelMessage(
-            project=self.topics.project, sender="admin", kind=ModelKind.BASE, round=0,
-            data=encode(tensors),
-        )  # fmt: skip
-        await self.transport.publish(self.topics.base(), encode_message(message), retain=True)
-
-    async def local(self, agent: str, round: int, tensors: dict[str, Array], n: float) -> None:
-        message = ModelMessage(
-            project=self.topics.project, sender=agent, kind=ModelKind.LOCAL, round=round,
-            num_samples=n, metrics={"accuracy": n / 100}, data=encode(tensors),
-        )  # fmt: skip
-        await self.transport.publish(self.topics.agg_local("a1", agent), encode_message(message))
-
-
-@contextlib.asynccontextmanager
-async def peer_on(bus: InMemoryBus, project: str) -> AsyncIterator[Peer]:
-    topics = Topics(project)
-    async with InMemoryTransport(bus=bus) as transport:
-        await transport.subscribe(f"{topics.root}/agents/+/inbox", topics.agg_model("a1"))
-        peer = Peer(transport, topics)
-        collector = asyncio.create_task(peer.collect())
-        try:
-            yield peer
-        finally:
-            collector.cancel()
-            await asyncio.gather(collector, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
-async def serving(config: AggregatorConfig, bus: InMemoryBus) -> AsyncIterator[AggregatorService]:
-    service = AggregatorService(config=config, transport=InMemoryTransport(bus=bus), persist=True)
-    ready = asyncio.Event()
-    task = asyncio.create_task(service.run(ready=ready))
-    await asyncio.wait_for(ready.wait(), 5)
-    try:
-        yield service
-    finally:
-        service.stop()
-        await asyncio.wait_for(task, 10)
-
-
 async def test_restarted_in_memory_counts_recorded_models_once(tmp_path: Path) -> None:
     # Prepare: a1 (threshold 1.0, store in tmp_path) with three agents; x and y send round 1.
     bus = InMemoryBus()

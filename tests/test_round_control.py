@@ -17,7 +17,15 @@ from typing import Any
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from support import ROOT, broker_settings, recording, running_aggregator, spawn
+from support import (
+    ROOT,
+    broker_settings,
+    peer_on,
+    recording,
+    running_aggregator,
+    serving,
+    spawn,
+)
 
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.client import BasicClient, LoopThread
@@ -916,3 +924,52 @@ async def test_monitor_and_control_plane_on_an_in_memory_bus() -> None:
     assert not bad.ok
     assert bad.reason is not None
     assert "threshold must be in (0, 1]" in bad.reason
+
+
+class HeldModels(InMemoryTransport):
+    """An aggregator's transport that hands a model it publishes to the bus at once but
+    confirms the publish only when ``release`` is set, once ``hold`` is: a broker still busy
+    fanning the model out, as it is when the agents' next uploads come in."""
+
+    def __init__(self, *, bus: InMemoryBus, topic: str) -> None:
+        super().__init__(bus=bus)
+        self.topic = topic
+        self.hold = False
+        self.held = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def publish(self, topic: str, payload: Any, **options: Any) -> None:
+        await super().publish(topic, payload, **options)
+        if topic == self.topic and self.hold:
+            self.held.set()
+            await self.release.wait()
+
+
+async def test_uploads_of_the_next_round_are_taken_while_the_new_model_is_confirmed() -> None:
+    # Prepare: one agent x (threshold 1.0: each of its models completes a round); the broker's
+    # confirmation of every model after the base is held back.
+    bus = InMemoryBus()
+    topics = Topics("mem")
+    held = HeldModels(bus=bus, topic=topics.agg_model("a1"))
+    config = AggregatorConfig(name="a1", project="mem", monitor_interval=0.05)
+    async with peer_on(bus, "mem") as peer, serving(config, bus, transport=held, persist=False):
+        await peer.online("x")
+        await peer.base(base_model())
+        await peer.until(lambda: len(peer.on(topics.agg_model("a1"))) == 1, "model 0")
+        held.hold = True
+
+        # Execute: x's round-1 model completes round 1; model 1 reaches x, its publish is not
+        # confirmed yet; x sends round 2, which completes round 2 as well.
+        await peer.local("x", 1, plus(1.0), 1.0)
+        await asyncio.wait_for(held.held.wait(), 5)
+        await peer.local("x", 2, plus(2.0), 1.0)
+        await peer.until(lambda: len(peer.acks("x")) == 2, "x's round-2 ack")
+        models_while_held = [m.round for m in peer.on(topics.agg_model("a1"))]
+        held.release.set()
+        await peer.until(lambda: len(peer.on(topics.agg_model("a1"))) == 3, "model 2")
+
+    # Assert: round 2's model was taken while model 1 waited for its confirmation; model 2 was
+    # announced only after model 1's publish ended, so the models went out in order.
+    assert peer.acks("x") == [AckStatus.ACCEPTED, AckStatus.ACCEPTED]
+    assert models_while_held == [0, 1]
+    assert [m.round for m in peer.on(topics.agg_model("a1"))] == [0, 1, 2]
