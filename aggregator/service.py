@@ -1186,8 +1186,10 @@ class AggregatorService:
             log.debug("asking %s for its upload (%d chunks)", message.sender, len(missing))
         else:
             log.info("asking %s for %d missing chunks", message.sender, len(missing))
+        # Not waiting for the PUBACK: the next announcement is taken at once (a lost request
+        # is asked again when the transfer stalls).
         await self._transport.publish(
-            self.topics.agent_inbox(message.sender), encode_message(request)
+            self.topics.agent_inbox(message.sender), encode_message(request), confirm=False
         )
 
     # ------------------------------------------------------------ control

@@ -102,9 +102,13 @@ async def publish_model(
     max_inflight: int = 16,
 ) -> int:
     """Publish the envelope on ``topic`` and, for a chunked payload, its chunks on
-    ``topic/chunk``. Only the envelope is ever retained. Returns bytes sent."""
+    ``topic/chunk``. Only the envelope is ever retained. Returns bytes sent.
+
+    The chunks follow the envelope at once (MQTT keeps a connection's publishes in order), not
+    a round trip later: their confirmations stand for the envelope's, whose refusal the
+    transport logs."""
     envelope = encode_message(message)
-    await transport.publish(topic, envelope, qos=1, retain=retain)
+    await transport.publish(topic, envelope, qos=1, retain=retain, confirm=manifest is None)
     sent = len(envelope)
     if manifest is not None:
         sent += await publish_chunks(
