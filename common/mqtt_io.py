@@ -12,7 +12,10 @@ state machine, callbacks and session logic and replaces only the byte moving:
   once nobody references them any more (a refcount check), so chunk after chunk lands in
   memory that is already mapped instead of fresh pages;
 * a publish is queued as its small header plus the caller's payload, untouched; writes gather
-  the queued packets into one ``sendmsg`` (plain TCP) without joining them.
+  the queued packets into one ``sendmsg`` (plain TCP) without joining them. What handling a
+  read queues (the PUBACKs of the messages it brought) is written when the read is done, in
+  one ``sendmsg``, instead of through a writer registered for the next turn of the event loop
+  (two ``epoll_ctl`` calls and a loop turn per message).
 
 Each ``loop_read`` call reads at most :data:`READ_BUDGET` bytes from the socket, so a model
 streaming in does not hold the event loop; it always finishes the packets already buffered
@@ -172,6 +175,8 @@ class LeanPahoClient(mqtt.Client):
         # Packets queued on this thread (the event loop's) are written at once.
         self._loop_thread = threading.get_ident()
         self._writing = False
+        #: Inside loop_read: what handling the packets queues is written once it is done.
+        self._reading = False
         self._pool: list[bytearray] = []
         self._rbuf = bytearray(READ_BUFFER)
         self._rview = memoryview(self._rbuf)
@@ -196,6 +201,18 @@ class LeanPahoClient(mqtt.Client):
             return MQTTErrorCode.MQTT_ERR_NO_CONN
         if not self._plain():
             return super().loop_read(max_packets)
+        self._reading = True
+        try:
+            rc = self._read_packets()
+        finally:
+            self._reading = False
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self._out_packet and not self._writing:
+            # What handling the packets queued (acknowledgements) goes out now, in one write,
+            # not through a writer registered for the next turn of the event loop.
+            return self.loop_write()
+        return rc
+
+    def _read_packets(self) -> MQTTErrorCode:
         budget = [READ_BUDGET]
         while True:
             if self._sock is None:  # closed while handling a packet (DISCONNECT)
@@ -557,10 +574,13 @@ class LeanPahoClient(mqtt.Client):
         if self._sockpairW is not None:  # paho's threaded mode: wake its select()
             with contextlib.suppress(BlockingIOError):
                 self._sockpairW.send(b"0")
+        on_loop = threading.get_ident() == self._loop_thread
+        if on_loop and self._reading:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # written when loop_read is done
         if (
             self._sock is not None
             and not self._writing
-            and threading.get_ident() == self._loop_thread
+            and on_loop
             # Not from inside one of paho's callbacks (an ack sent while a message is handed
             # over): a failed write would report the disconnection under the mutex it holds.
             and self._in_callback_mutex.acquire(False)

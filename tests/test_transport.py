@@ -134,3 +134,39 @@ async def _until(predicate: object) -> None:
     # Polls a flag owned by the transport's own task; bounded by the caller's wait_for.
     while not predicate():  # type: ignore[operator]  # noqa: ASYNC110 - no event to await
         await asyncio.sleep(0.02)
+
+
+async def test_acknowledgements_of_what_one_read_brought_go_out_without_a_writer(
+    mosquitto: MosquittoBroker, project_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a receiver that may hold 5 unacknowledged messages (the broker sends no more
+    # until it hears PUBACKs); writer registrations on the event loop are counted.
+    topic = f"fedhive/v1/{project_name}/acks"
+    settings = broker_settings(mosquitto, receive_maximum=5)
+    loop = asyncio.get_running_loop()
+    registered: list[int] = []
+    add_writer = loop.add_writer
+
+    def counting(fd: int, *args: object) -> None:
+        registered.append(fd)
+        add_writer(fd, *args)
+
+    total = 60
+    async with (
+        MqttTransport(settings=settings) as receiver,
+        MqttTransport(settings=broker_settings(mosquitto)) as sender,
+    ):
+        await receiver.subscribe(topic)
+        monkeypatch.setattr(loop, "add_writer", counting)
+
+        # Execute: 60 QoS 1 messages, sent without waiting for each confirmation.
+        for i in range(total):
+            await sender.publish(topic, b"%d" % i, confirm=False)
+        got = [(await _next(receiver)).payload for _ in range(total)]
+        monkeypatch.undo()
+
+    # Assert: all 60 arrived, so the receiver's PUBACKs reached the broker (it holds back
+    # everything past 5 unacknowledged ones), and no writer was registered for them: they
+    # were written when each read was done.
+    assert got == [b"%d" % i for i in range(total)]
+    assert registered == []
