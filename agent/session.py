@@ -659,7 +659,7 @@ class AgentSession:
         """Send an upload to ``aggregator``: the envelope, and the chunks unless the aggregator
         takes uploads in turn (it asks for them when this one's turn comes)."""
         upload.aggregator = aggregator
-        pull = upload.manifest is not None and self._pulls(aggregator)
+        pull = upload.manifest is not None and self._pulls(aggregator, upload.manifest.total_bytes)
         if bool(upload.message.pull) != pull:
             upload.message = upload.message.model_copy(update={"pull": pull or None})
         await publish_model(
@@ -676,10 +676,13 @@ class AgentSession:
         view = self._views.get(aggregator)
         return None if view is None else view.status
 
-    def _pulls(self, aggregator: str) -> bool:
-        """Whether ``aggregator`` asks for upload chunks when their turn comes (its status)."""
+    def _pulls(self, aggregator: str, size: int) -> bool:
+        """Whether ``aggregator`` asks for the chunks of an upload of ``size`` bytes when its
+        turn comes, rather than taking them with the announcement (its status)."""
         status = self._status_of(aggregator)
-        return status is not None and bool(status.pull_uploads)
+        if status is None or not status.pull_uploads:
+            return False
+        return status.push_limit is None or size > status.push_limit
 
     def _compression(self, aggregator: str) -> str | None:
         """How ``aggregator`` wants updates packed (its status; None: plain frames)."""

@@ -1394,6 +1394,7 @@ class AggregatorService:
             sg_aggregator=self._sg,
             regional_round=e.round if e.sealed else None,
             pull_uploads=True,
+            push_limit=self.config.receive_budget // max(1, e.active),
             compression=self.config.compression,
         )
 

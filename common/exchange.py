@@ -8,6 +8,8 @@ Flow control: a receiver with a ``budget`` holds at most that many bytes of open
 transfer larger than the budget is taken alone). Transfers announced beyond it wait their turn,
 in order. A sender that announced ``pull`` sends its chunks only when asked, so nothing is sent
 twice; chunks pushed for a waiting transfer are dropped and asked for again when its turn comes.
+(An aggregator lets agents push uploads up to their share of its budget, ``push_limit`` in its
+status: those fit together, and skip the round trip of being asked.)
 
 Pulled chunks are asked for a ``window`` of bytes at a time (across all transfers, oldest
 first), topped up as they arrive: the broker never holds more than that for the receiver, so

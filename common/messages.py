@@ -217,6 +217,10 @@ class AggStatusMessage(_Message):
     #: Agents announce chunked uploads and send the chunks when asked (``ModelMessage.pull``):
     #: the aggregator takes them in turn within its receive budget.
     pull_uploads: bool | None = None
+    #: ... except uploads up to this many bytes: their chunks may follow the announcement at
+    #: once (each active agent's share of the receive budget, which they all fit in together),
+    #: sparing the round trip of being asked.
+    push_limit: int | None = Field(default=None, ge=0)
     #: How agents pack their updates for the wire (``common.packing``; None: plain frames).
     compression: str | None = Field(default=None, max_length=64)
 

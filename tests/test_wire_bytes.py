@@ -25,6 +25,8 @@ from aggregator.service import AggregatorService
 from broker.process import MosquittoBroker
 from common.codec import encode_frame
 from common.config import AgentConfig, AggregatorConfig
+from common.messages import ModelMessage, decode_message
+from common.transport import MqttTransport
 
 pytestmark = pytest.mark.broker
 
@@ -179,3 +181,70 @@ async def test_a_model_for_agents_lists_a_bounded_number_of_contributors(
     assert got.message.contributors_omitted == 1
     assert got.message.num_samples == 6.0
     assert len(service.results[0].contributors) == AGENTS  # the aggregator knows them all
+
+
+@pytest.mark.parametrize(("budget", "pulled"), [(8 << 20, False), (2 << 20, True)])
+async def test_uploads_within_an_agents_share_of_the_receive_budget_are_pushed(
+    mosquitto: MosquittoBroker, project_name: str, tmp_path: Path, budget: int, pulled: bool
+) -> None:
+    # Prepare: three agents and a 2.5 MB model (three chunks). With an 8 MiB budget each
+    # agent's share (2.67 MiB) holds an upload: its chunks follow the announcement at once.
+    # With 2 MiB they do not: the aggregator asks for them in turn.
+    settings = broker_settings(mosquitto)
+    config = AggregatorConfig(
+        name="a1",
+        project=project_name,
+        broker=settings,
+        data_dir=tmp_path,
+        store=False,
+        receive_budget=budget,
+    )
+    base = {"w": np.zeros(625_000, np.float32)}
+    with running_aggregator(config) as service:
+        async with contextlib.AsyncExitStack() as stack:
+            sessions = await _online_agents(
+                stack, service, mosquitto, project_name, heartbeat_interval=60
+            )
+            watcher = await stack.enter_async_context(MqttTransport(settings=settings))
+            await watcher.subscribe(f"fedhive/v1/{project_name}/agg/a1/local/+")
+
+            # Execute: one round.
+            admin = AdminAgent(
+                aggregator_ip_address=mosquitto.host,
+                reg_port=mosquitto.port,
+                project=project_name,
+                timeout=60,
+                base_model=BaseModel("push", base, BaseModelConvFormat.numpy_format),
+            )
+            await asyncio.to_thread(admin.initialize)
+
+            async def one_round(session: AgentSession) -> str:
+                model = await session.wait_model(after=None, timeout=60)
+                ack = await session.submit(
+                    model.tensors,
+                    round=model.round + 1,
+                    num_samples=1.0,
+                    metrics={},
+                    framework="numpy",
+                    ack_timeout=60,
+                )
+                assert ack is not None
+                return ack.status.value
+
+            statuses = await asyncio.gather(*(one_round(s) for s in sessions))
+            offered = service.status().push_limit
+            messages = watcher.messages()
+            envelopes = [
+                decode_message((await asyncio.wait_for(anext(messages), 10)).payload)
+                for _ in range(AGENTS)
+            ]
+
+    # Assert: the status offers each active agent its share; uploads within it came pushed,
+    # larger ones pulled; the round completed either way.
+    assert offered == budget // AGENTS
+    assert statuses == ["accepted"] * AGENTS
+    assert [isinstance(m, ModelMessage) and m.transfer is not None for m in envelopes] == [
+        True
+    ] * AGENTS
+    assert [bool(getattr(m, "pull", None)) for m in envelopes] == [pulled] * AGENTS
+    assert [r.round for r in service.results] == [1]
