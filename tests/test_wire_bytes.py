@@ -23,9 +23,9 @@ from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.session import AgentSession
 from aggregator.service import AggregatorService
 from broker.process import MosquittoBroker
-from common.codec import encode_frame
+from common.codec import Tensors, encode_frame
 from common.config import AgentConfig, AggregatorConfig
-from common.messages import ModelMessage, decode_message
+from common.messages import AckMessage, ModelMessage, decode_message
 from common.transport import MqttTransport
 
 pytestmark = pytest.mark.broker
@@ -80,6 +80,32 @@ async def _online_agents(
     return sessions
 
 
+async def _upload_base(broker: MosquittoBroker, project: str, name: str, base: Tensors) -> None:
+    admin = AdminAgent(
+        aggregator_ip_address=broker.host,
+        reg_port=broker.port,
+        project=project,
+        timeout=60,
+        base_model=BaseModel(name, base, BaseModelConvFormat.numpy_format),
+    )
+    await asyncio.to_thread(admin.initialize)
+
+
+async def _one_round(session: AgentSession, samples: float = 1.0) -> AckMessage:
+    """Wait for the first model, send it back unchanged; the aggregator's ack."""
+    model = await session.wait_model(after=None, timeout=60)
+    ack = await session.submit(
+        model.tensors,
+        round=model.round + 1,
+        num_samples=samples,
+        metrics={},
+        framework="numpy",
+        ack_timeout=60,
+    )
+    assert ack is not None
+    return ack
+
+
 async def _train(session: AgentSession, delta: float) -> None:
     after: int | None = None
     for _ in range(ROUNDS):
@@ -112,14 +138,7 @@ async def test_a_round_moves_each_model_once_per_transfer(
             before = _broker_io(fresh_broker)
 
             # Execute: upload the base model, train two rounds.
-            admin = AdminAgent(
-                aggregator_ip_address=fresh_broker.host,
-                reg_port=fresh_broker.port,
-                project=project_name,
-                timeout=60,
-                base_model=BaseModel("wire", base, BaseModelConvFormat.numpy_format),
-            )
-            await asyncio.to_thread(admin.initialize)
+            await _upload_base(fresh_broker, project_name, "wire", base)
             await asyncio.gather(*(_train(s, 0.1 * (i + 1)) for i, s in enumerate(sessions)))
             moved = _broker_io(fresh_broker) - before
 
@@ -151,28 +170,8 @@ async def test_a_model_for_agents_lists_a_bounded_number_of_contributors(
             sessions = await _online_agents(stack, service, mosquitto, project_name)
 
             # Execute: one round, each agent weighing 1, 2 and 3 samples.
-            admin = AdminAgent(
-                aggregator_ip_address=mosquitto.host,
-                reg_port=mosquitto.port,
-                project=project_name,
-                timeout=60,
-                base_model=BaseModel("listed", base, BaseModelConvFormat.numpy_format),
-            )
-            await asyncio.to_thread(admin.initialize)
-
-            async def one_round(session: AgentSession, samples: float) -> None:
-                model = await session.wait_model(after=None, timeout=60)
-                ack = await session.submit(
-                    model.tensors,
-                    round=model.round + 1,
-                    num_samples=samples,
-                    metrics={},
-                    framework="numpy",
-                    ack_timeout=60,
-                )
-                assert ack is not None
-
-            await asyncio.gather(*(one_round(s, i + 1.0) for i, s in enumerate(sessions)))
+            await _upload_base(mosquitto, project_name, "listed", base)
+            await asyncio.gather(*(_one_round(s, i + 1.0) for i, s in enumerate(sessions)))
             got = await sessions[0].wait_model(after=0, timeout=60)
 
     # Assert: two listed, one counted, and the sample total covers all three.
@@ -209,29 +208,8 @@ async def test_uploads_within_an_agents_share_of_the_receive_budget_are_pushed(
             await watcher.subscribe(f"fedhive/v1/{project_name}/agg/a1/local/+")
 
             # Execute: one round.
-            admin = AdminAgent(
-                aggregator_ip_address=mosquitto.host,
-                reg_port=mosquitto.port,
-                project=project_name,
-                timeout=60,
-                base_model=BaseModel("push", base, BaseModelConvFormat.numpy_format),
-            )
-            await asyncio.to_thread(admin.initialize)
-
-            async def one_round(session: AgentSession) -> str:
-                model = await session.wait_model(after=None, timeout=60)
-                ack = await session.submit(
-                    model.tensors,
-                    round=model.round + 1,
-                    num_samples=1.0,
-                    metrics={},
-                    framework="numpy",
-                    ack_timeout=60,
-                )
-                assert ack is not None
-                return ack.status.value
-
-            statuses = await asyncio.gather(*(one_round(s) for s in sessions))
+            await _upload_base(mosquitto, project_name, "push", base)
+            acks = await asyncio.gather(*(_one_round(s) for s in sessions))
             offered = service.status().push_limit
             messages = watcher.messages()
             envelopes = [
@@ -242,7 +220,7 @@ async def test_uploads_within_an_agents_share_of_the_receive_budget_are_pushed(
     # Assert: the status offers each active agent its share; uploads within it came pushed,
     # larger ones pulled; the round completed either way.
     assert offered == budget // AGENTS
-    assert statuses == ["accepted"] * AGENTS
+    assert [ack.status.value for ack in acks] == ["accepted"] * AGENTS
     assert [isinstance(m, ModelMessage) and m.transfer is not None for m in envelopes] == [
         True
     ] * AGENTS
