@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Any
 
@@ -75,6 +76,24 @@ class RoundResult:
     method: str
     started: float
     completed: float
+
+
+#: Completed rounds a service keeps in its ``results`` (the oldest go first).
+RESULTS_KEPT = 1000
+
+
+class RoundResults(deque[RoundResult]):
+    """The last :data:`RESULTS_KEPT` completed rounds, newest last. Only the newest keeps its
+    model: an earlier one is a record (round, contributors, method, times) with an empty model,
+    so a long training holds one model here, not one per round."""
+
+    def __init__(self) -> None:
+        super().__init__(maxlen=RESULTS_KEPT)
+
+    def append(self, result: RoundResult) -> None:
+        if self:
+            self[-1] = replace(self[-1], model={})
+        super().append(result)
 
 
 def widen(tensors: Tensors) -> dict[str, Array]:

@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
-from aggregator.engine import RoundEngine, RoundResult
+from aggregator.engine import RoundEngine, RoundResult, RoundResults
 from aggregator.regional import SgLink
 from aggregator.store import RecoveredState, RoundJournal, StoreError
 from aggregator.strategies import create_strategy
@@ -167,8 +167,9 @@ class AggregatorService:
         # lock, taken before the round lock is let go: announcements keep the order of the
         # changes, and uploads of the new round are taken while the broker confirms them.
         self._announce_lock = asyncio.Lock()
-        #: Completed rounds (under an sg-aggregator: the regional results, in float64).
-        self.results: list[RoundResult] = []
+        #: Completed rounds, the last RESULTS_KEPT (under an sg-aggregator: the regional results,
+        #: in float64); only the newest keeps its model.
+        self.results = RoundResults()
         self.round_completed = asyncio.Condition()
         self._sg = config.sg_aggregator
         self._link = (

@@ -563,7 +563,7 @@ async def test_a_failing_store_stops_the_aggregator_before_it_acknowledges(
 
     # Assert: nothing acknowledged, nothing aggregated.
     assert peer.acks("x") == []
-    assert service.results == []
+    assert not service.results
 
 
 async def test_restarted_aggregator_under_an_sg_resends_its_sealed_regional_result(

@@ -330,6 +330,7 @@ def test_sg_model_is_the_sample_weighted_mean_of_every_agent_across_aggregators(
 
     # Assert: every SG model is the weighted mean over all six local models of its round.
     assert [r.round for r in sg.results] == list(range(1, rounds + 1))
+    assert [bool(r.model) for r in sg.results] == [False] * (rounds - 1) + [True]  # bounded
     for r in range(1, rounds + 1):
         local = fed.locals[r]
         assert sorted(local) == sorted(samples)

@@ -37,7 +37,7 @@ import logging
 import time
 from typing import Any
 
-from aggregator.engine import RoundEngine, RoundResult, wide_spec, widen
+from aggregator.engine import RoundEngine, RoundResult, RoundResults, wide_spec, widen
 from aggregator.sg.liveness import AggregatorTracker
 from aggregator.store import RecoveredLocal, RecoveredState, RoundJournal, StoreError
 from aggregator.strategies import create_strategy
@@ -125,8 +125,9 @@ class SgAggregatorService:
         self._resumed: RecoveredState | None = None  # to publish once connected
         self._hold_until: float | None = None  # a resumed round may not complete before
         self._round_lock = asyncio.Lock()  # an engine change and its store write, in one piece
-        #: Completed SG rounds (models in float64, before the cast to the base dtypes).
-        self.results: list[RoundResult] = []
+        #: Completed SG rounds, the last RESULTS_KEPT (models in float64, before the cast to the
+        #: base dtypes); only the newest keeps its model.
+        self.results = RoundResults()
         self.round_completed = asyncio.Condition()
 
     @property
