@@ -11,7 +11,8 @@ announcement and global model r's. The first ``--warmup`` rounds (processes star
 filling) are run but left out of the figures. Bytes are the broker's socket reads and writes
 (/proc/PID/io rchar/wchar) over the whole run; ``wire_ratio`` divides them by what the model
 transfers alone must move (1.0: no re-sends, no double encodes). Peak RSS is VmHWM of the
-aggregator and of the broker; CPU seconds (utime + stime) are those of the measured rounds.
+aggregator, of the broker and of the largest agent; CPU seconds (utime + stime) are those of
+the measured rounds.
 
 The aggregator runs without its store by default (``--store`` turns it on): the store writes and
 fsyncs every accepted model, which measures the disk, not the platform.
@@ -24,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -171,11 +173,13 @@ async def _monitor(
     }
 
 
-def _expected_bytes(agents: int, total: int, model: int, update: int) -> int:
+def _expected_bytes(agents: int, total: int, model: int, update: int, chunk_size: int) -> int:
     """Bytes the model transfers alone move through the broker, counted at both of its
-    sockets: the base (admin in, aggregator out), model 0 (1 in, N out), then each round N
-    updates (in and out) and the new model (1 in, N out)."""
-    return 2 * model + (1 + agents) * model + total * (2 * agents * update + (1 + agents) * model)
+    sockets: the base (admin in, aggregator out), model 0 (1 in, N out; N + 1 with the monitor
+    when the model comes inline, not as chunks it does not subscribe to), then each round N
+    updates (in and out) and the new model (1 in, N or N + 1 out)."""
+    fan_out = (1 + agents + (model <= chunk_size)) * model
+    return 2 * model + fan_out + total * (2 * agents * update + fan_out)
 
 
 def main() -> None:
@@ -269,11 +273,15 @@ def main() -> None:
             )
             for proc in procs[1:]:
                 proc.wait(timeout=300)  # each has the last model: every transfer is done
+            # The agents are the only children waited for so far: the largest of them.
+            agent_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
             io_start = figures.pop("io_start")
             io_end = _io(pids.broker)
             bytes_in, bytes_out = io_end[0] - io_start[0], io_end[1] - io_start[1]  # type: ignore[index]
             moved = bytes_in + bytes_out
-            expected = _expected_bytes(args.agents, total, model_bytes, update_bytes)
+            expected = _expected_bytes(
+                args.agents, total, model_bytes, update_bytes, args.chunk_size
+            )
             result = {
                 "agents": args.agents,
                 "params": args.params,
@@ -289,6 +297,7 @@ def main() -> None:
                 "wire_ratio": round(moved / expected, 3),
                 "aggregator_peak_rss_mib": round(_peak_rss_mib(procs[0].pid), 1),
                 "broker_peak_rss_mib": round(_peak_rss_mib(broker.pid or 0), 1),
+                "agent_peak_rss_mib": round(agent_rss, 1),
                 "wall_s": round(time.perf_counter() - started, 2),
             }
             print(json.dumps(result), flush=True)
