@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,33 @@ async def test_reconnects_and_resubscribes_after_broker_restart(
         await t.publish(topic, b"again")
         got = await _next(t)
         assert got.payload == b"again"
+
+
+def _nagle_off(t: MqttTransport) -> bool:
+    assert t._client is not None
+    sock = t._client._client._sock
+    assert isinstance(sock, socket.socket)
+    return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+async def test_small_packets_go_out_at_once_also_after_a_reconnect(
+    fresh_broker: MosquittoBroker,
+) -> None:
+    # Prepare: a connected transport.
+    settings = broker_settings(fresh_broker, reconnect_max_delay=0.5)
+    async with MqttTransport(settings=settings) as t:
+        first = _nagle_off(t)
+
+        # Execute: the broker goes away and comes back; the transport reconnects.
+        fresh_broker.stop()
+        await asyncio.wait_for(_until(lambda: not t.connected), 10)
+        await asyncio.to_thread(fresh_broker.start)
+        await t.wait_connected(15)
+        again = _nagle_off(t)
+
+    # Assert: Nagle's algorithm is off on both connections (TCP_NODELAY), so an ack written
+    # while an earlier packet is unacknowledged does not wait for the broker's delayed ACK.
+    assert (first, again) == (True, True)
 
 
 async def test_last_will_marks_a_killed_process_offline(
