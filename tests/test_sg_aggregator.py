@@ -547,7 +547,14 @@ def test_late_agent_at_either_aggregator_and_a_late_aggregator_start_from_the_sg
                     late.disconnect()
 
             # `fedhive status` shows the SG layer above the aggregator; `fedhive sg-aggregator
-            # status --json` is the SG status itself.
+            # status --json` is the SG status itself, once it lists a3 (the SG status goes out
+            # at most every monitor interval).
+            fed.wait(
+                "the SG status listing a3",
+                lambda: fed.sg_status is not None
+                and "a3" in {a.name for a in fed.sg_status.aggregators},
+                timeout=10,
+            )
             conn = [
                 "--host", mosquitto.host, "--port", str(mosquitto.port),
                 "--project", project_name, "--timeout", "10",
