@@ -153,6 +153,7 @@ class AggregatorService:
         self._presence: dict[str, PresenceState] = {}  # as last logged
         self._status_dirty = False
         self._status_sent = 0.0
+        self._status_state: AggregatorState | None = None  # the state the last status showed
         self._stopping = asyncio.Event()
         self._model_tasks: set[asyncio.Task[None]] = set()  # large models being handled
         self._persist = (transport is None and config.store) if persist is None else persist
@@ -1129,7 +1130,10 @@ class AggregatorService:
             retain=True,
             max_inflight=self.config.broker.max_inflight,
         )
-        await self._publish_status()
+        # A new round alone waits for the status tick when the last status is younger: every
+        # agent receives every status, and one per round cost 50 agents ~12% of their CPU
+        # with rounds of 0.1 s. A new state (FINISHED) goes out at once.
+        await self._status_changed()
 
     async def _on_model_request(self, request: ModelRequest) -> None:
         """A late joiner (or a receiver with holes) asks for the current model's chunks."""
@@ -1422,8 +1426,12 @@ class AggregatorService:
 
     async def _status_changed(self) -> None:
         """Publish the status now, or at the monitor's next tick if it went out less than a
-        tick ago: with many agents, status updates stay a few per second, not one per event."""
-        if time.monotonic() - self._status_sent >= self.config.monitor_interval:
+        tick ago with the same state: with many agents or fast rounds, status updates stay a
+        few per second, not one per event."""
+        if (
+            self.state is not self._status_state
+            or time.monotonic() - self._status_sent >= self.config.monitor_interval
+        ):
             await self._publish_status()
         else:
             self._status_dirty = True
@@ -1435,6 +1443,7 @@ class AggregatorService:
         self._status_sent = time.monotonic()
         # The table first: a reader that subscribes to both gets it before the status.
         status, table = self.status().split()
+        self._status_state = status.state
         await self._transport.publish(
             self.topics.agg_agents(self.name), encode_message(table), retain=True, confirm=False
         )

@@ -6,6 +6,7 @@ aggregator's retained status (``fedhive status --json``) and the models that cro
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -419,7 +420,7 @@ def test_round_complete_aggregates_the_one_model_collected_and_opens_the_next_ro
         # Execute
         reply = cli_json(mosquitto, project_name, "round", "complete")
         message, model = rec.wait_for_global(1, timeout=10)
-        after = status_json(mosquitto, project_name)
+        after = status_until(mosquitto, project_name, "round 2", lambda s: s["round"] == 2)
         again = cli(mosquitto, project_name, "round", "complete")
         results = list(service.results)
 
@@ -569,7 +570,7 @@ def test_set_method_during_a_round_applies_from_the_next_round(
         round1, _ = rec.wait_for_global(1, timeout=10)
         for agent in agents:
             agent.wait_for_sg_model()
-        after = status_json(mosquitto, project_name)
+        after = status_until(mosquitto, project_name, "round 2", lambda s: s["round"] == 2)
         # Round 2 with an outlier: the geometric median stays with the majority.
         for agent, delta in zip(agents, (1.0, 1.0, 100.0), strict=True):
             agent.send_trained_model(plus(delta), num_samples=1)
@@ -612,7 +613,7 @@ def test_set_commands_change_counts_at_once_and_refuse_bad_values(
         max_agents = cli_json(mosquitto, project_name, "set", "max-agents", "5")
         threshold = cli_json(mosquitto, project_name, "set", "threshold", "0.5")
         round1, _ = rec.wait_for_global(1, timeout=10)
-        after = status_json(mosquitto, project_name)
+        after = status_until(mosquitto, project_name, "round 2", lambda s: s["round"] == 2)
         bad_threshold = cli(mosquitto, project_name, "set", "threshold", "1.5")
         bad_timeout = cli(mosquitto, project_name, "set", "timeout", tail=("--", "-1"))
         bad_method = cli(mosquitto, project_name, "set", "method", "nope")
@@ -682,7 +683,7 @@ def test_stop_refuses_uploads_agents_wait_and_restart_continues_the_round(
         resent = c1.send_trained_model(plus(3.0), num_samples=1)
         round1, model1 = rec.wait_for_global(1, timeout=10)
         waiter0.join(10)
-        after = status_json(mosquitto, project_name)
+        after = status_until(mosquitto, project_name, "round 2", lambda s: s["round"] == 2)
         results = list(service.results)
 
     # Assert: the refusal and the INACTIVE status.
@@ -973,3 +974,47 @@ async def test_uploads_of_the_next_round_are_taken_while_the_new_model_is_confir
     assert peer.acks("x") == [AckStatus.ACCEPTED, AckStatus.ACCEPTED]
     assert models_while_held == [0, 1]
     assert [m.round for m in peer.on(topics.agg_model("a1"))] == [0, 1, 2]
+
+
+async def test_fast_rounds_share_a_status_per_tick_and_a_new_state_goes_out_at_once() -> None:
+    # Prepare: one agent x (threshold 1.0: each of its models completes a round), six rounds
+    # at most, a monitor tick far longer than the test; a watcher records every status.
+    bus = InMemoryBus()
+    topics = Topics("mem")
+    config = AggregatorConfig(name="a1", project="mem", monitor_interval=30.0, max_rounds=6)
+    statuses: list[AggStatusMessage] = []
+
+    async def watch(transport: InMemoryTransport) -> None:
+        async for incoming in transport.messages():
+            if incoming.payload:
+                message = decode_message(incoming.payload)
+                assert isinstance(message, AggStatusMessage)
+                statuses.append(message)
+
+    async with (
+        InMemoryTransport(bus=bus) as watcher,
+        peer_on(bus, "mem") as peer,
+        serving(config, bus, persist=False),
+    ):
+        await watcher.subscribe(topics.agg_status("a1"))
+        watching = asyncio.create_task(watch(watcher))
+        await peer.online("x")
+        await peer.base(base_model())
+
+        # Execute: six rounds in quick succession.
+        def has_model(n: int) -> bool:
+            return any(m.round == n for m in peer.on(topics.agg_model("a1")))
+
+        for r in range(1, 7):
+            await peer.until(functools.partial(has_model, r - 1), f"model {r - 1}")
+            await peer.local("x", r, plus(float(r)), 1.0)
+        await peer.until(
+            lambda: any(s.state is AggregatorState.FINISHED for s in statuses), "FINISHED"
+        )
+        watching.cancel()
+
+    # Assert: the five rounds that only moved the round on waited for the tick (no status of
+    # rounds 2-6 while ACTIVE); the last model made the aggregator FINISHED, shown at once.
+    active_rounds = [s.round for s in statuses if s.state is AggregatorState.ACTIVE]
+    assert not set(active_rounds) & {2, 3, 4, 5, 6}, active_rounds
+    assert (statuses[-1].state, statuses[-1].model_round) == (AggregatorState.FINISHED, 6)
