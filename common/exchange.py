@@ -34,7 +34,7 @@ from common.chunking import (
 )
 from common.codec import Buffer
 from common.errors import FedhiveError, FrameError, MessageError
-from common.messages import ModelMessage, TransferInfo, encode_message
+from common.messages import ModelMessage, TransferInfo, encode_model_message
 from common.topics import Topics
 from common.transport import Transport
 
@@ -109,7 +109,7 @@ async def publish_model(
     The chunks follow the envelope at once (MQTT keeps a connection's publishes in order), not
     a round trip later: their confirmations stand for the envelope's, whose refusal the
     transport logs."""
-    envelope = encode_message(message)
+    envelope = encode_model_message(message)
     await transport.publish(topic, envelope, qos=1, retain=retain, confirm=manifest is None)
     sent = len(envelope)
     if manifest is not None:

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from common.chunking import Manifest
+from common.codec import Segments
 from common.errors import FrameError, MessageError
 
 PROTOCOL_VERSION: Final = 1
@@ -477,6 +478,31 @@ def encode_message(message: BaseModel) -> bytes:
     """msgpack bytes of a message (``None`` fields left out)."""
     packed: bytes = msgpack.packb(message.model_dump(mode="python", exclude_none=True))
     return packed
+
+
+def encode_model_message(message: ModelMessage) -> bytes | Segments:
+    """:func:`encode_message` for a model, without copying its inline ``data``: the map up to
+    it, then ``data`` itself, sent back to back (the same map, with ``data`` last). Packing
+    copies ``data`` twice (into msgpack's buffer, then into the bytes it returns)."""
+    if message.data is None:
+        return encode_message(message)
+    fields = message.model_dump(mode="python", exclude_none=True, exclude={"data"})
+    packer = msgpack.Packer()
+    head = [packer.pack_map_header(len(fields) + 1)]
+    for key, value in fields.items():
+        head += (packer.pack(key), packer.pack(value))
+    head += (packer.pack("data"), _bin_header(len(message.data)))
+    return Segments(b"".join(head), message.data)
+
+
+def _bin_header(n: int) -> bytes:
+    """The msgpack ``bin`` header for ``n`` bytes (written here: msgpack-python packs a header
+    only together with its bytes)."""
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def decode_message(payload: bytes | bytearray, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Message:

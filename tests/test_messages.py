@@ -39,6 +39,7 @@ from common.messages import (
     TransferInfo,
     decode_message,
     encode_message,
+    encode_model_message,
 )
 
 TID = "0123456789abcdef" * 2
@@ -594,3 +595,33 @@ def test_a_status_merges_only_the_table_published_with_it() -> None:
     assert later_bare.with_agents(table) is later_bare
     assert bare.with_agents(None) is bare
     assert status.with_agents(table) is status
+
+
+@pytest.mark.parametrize("size", [0, 255, 256, 65535, 65536, 400_000])
+def test_a_model_envelope_sent_in_two_parts_is_the_same_message(size: int) -> None:
+    # Prepare: a model with inline data at each bin header size (8, 16, 32-bit lengths).
+    data = bytes(i % 251 for i in range(size))
+    message = ModelMessage(
+        project="p", sender="a1", kind=ModelKind.GLOBAL, round=4, data=data,
+        metrics={"loss": 0.5}, contributors=[Contributor(agent="x", num_samples=2.0)],
+    )  # fmt: skip
+
+    # Execute
+    envelope = encode_model_message(message)
+    joined = bytes(envelope)
+
+    # Assert: the same map as encode_message (data last), decoding to the same message, with
+    # the data itself as the last part, not a copy.
+    assert msgpack.unpackb(joined) == msgpack.unpackb(encode_message(message))
+    assert decode_message(joined) == message
+    assert len(envelope) == len(joined) == len(encode_message(message))
+    if size:
+        assert not isinstance(envelope, bytes)
+        assert envelope.parts[-1].obj is data
+
+
+def test_a_chunked_model_envelope_is_plain_bytes() -> None:
+    message = ModelMessage(
+        project="p", sender="a1", kind=ModelKind.GLOBAL, round=4, transfer=transfer()
+    )
+    assert encode_model_message(message) == encode_message(message)
