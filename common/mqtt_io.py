@@ -6,7 +6,7 @@ copied into a new packet buffer and copied again on every write (``packet[pos:]`
 model chunks those copies cost more than the socket itself. :class:`LeanPahoClient` keeps paho's
 state machine, callbacks and session logic and replaces only the byte moving:
 
-* reads go through one 256 KiB buffer; a packet that fits is parsed from it in place, and a
+* reads go through one 64 KiB buffer; a packet that fits is parsed from it in place, and a
   larger PUBLISH gets a ``bytearray`` of exactly its payload's size that the socket fills
   directly (``recv_into``): one copy from the kernel, none after. Those bytearrays are reused
   once nobody references them any more (a refcount check), so chunk after chunk lands in
@@ -53,8 +53,10 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from common.codec import Segments
 
-#: Bytes of the read buffer: packets up to this size are parsed in place.
-READ_BUFFER = 256 << 10
+#: Bytes of the read buffer: packets up to this size are parsed in place. A larger packet's
+#: first part is copied out of it, so small is cheap: 50 agents × 400 KB models ran 5% faster
+#: with 64 KiB than with 256 KiB (less to copy, less memory touched per process).
+READ_BUFFER = 64 << 10
 #: Bytes read from the socket per ``loop_read`` call before the event loop gets a turn.
 READ_BUDGET = 8 << 20
 #: Payload buffers kept for reuse (see ``_payload_buffer``), and the smallest size pooled.
