@@ -617,7 +617,13 @@ class AgentSession:
         # Packing (a copy, maybe a cast or deflating) and hashing read the whole model: off the
         # event loop when it is large, so heartbeats keep going meanwhile.
         nbytes = sum(np.asarray(t).nbytes for t in tensors.values())
-        payload = await off_loop(nbytes, pack_update, tensors, self._compression(aggregator))
+        payload = await off_loop(
+            nbytes,
+            pack_update,
+            tensors,
+            self._compression(aggregator),
+            inline_max=self.config.chunk_size,  # sent inline: as bytes, not copied into them
+        )
         message, manifest = await off_loop(
             nbytes,
             prepare_model_message,

@@ -356,7 +356,10 @@ def encode(tensors: Tensors, meta: Mapping[str, Any] | None = None) -> bytes:
     Raises:
         CodecError: a dtype off the whitelist, a non-string name or meta msgpack cannot carry.
     """
-    plan = _plan(tensors, meta)
+    return _join(_plan(tensors, meta))
+
+
+def _join(plan: _Plan) -> bytes:
     pieces: list[Buffer] = [_PREFIX.pack(MAGIC, len(plan.header)), plan.header]
     position = _PREFIX.size + len(plan.header)
     for array, entry in zip(plan.arrays, plan.entries, strict=True):
@@ -486,9 +489,13 @@ def frame_of(tensors: Tensors, meta: Mapping[str, Any] | None = None) -> memoryv
     return _as_frame(_plan(tensors, meta))
 
 
-def encode_frame(tensors: Tensors, meta: Mapping[str, Any] | None = None) -> memoryview:
+def encode_frame(
+    tensors: Tensors, meta: Mapping[str, Any] | None = None, *, bytes_up_to: int = 0
+) -> Buffer:
     """:func:`encode` into a NumPy-backed buffer (fast to fill); no copy at all when the
-    tensors are the views of a :func:`new_frame` laid out as this frame would be.
+    tensors are the views of a :func:`new_frame` laid out as this frame would be. A frame of
+    at most ``bytes_up_to`` bytes comes as :func:`encode`'s ``bytes`` instead: what a message
+    carries inline, which would otherwise copy the buffer into bytes once more.
 
     Raises:
         CodecError: as :func:`encode`.
@@ -497,6 +504,8 @@ def encode_frame(tensors: Tensors, meta: Mapping[str, Any] | None = None) -> mem
     same = _as_frame(plan)
     if same is not None:
         return same
+    if plan.size <= bytes_up_to:
+        return _join(plan)
     raw = np.empty(plan.size, dtype=np.uint8)
     head = _PREFIX.pack(MAGIC, len(plan.header)) + plan.header
     raw[: len(head)] = np.frombuffer(head, dtype=np.uint8)

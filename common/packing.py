@@ -70,9 +70,14 @@ def _parts(compression: str | None) -> tuple[str | None, bool]:
 
 
 def pack_update(
-    tensors: Tensors, compression: str | None, meta: Mapping[str, Any] | None = None
+    tensors: Tensors,
+    compression: str | None,
+    meta: Mapping[str, Any] | None = None,
+    *,
+    inline_max: int = 0,
 ) -> Buffer:
-    """The wire form of an update under ``compression`` (None: a plain frame)."""
+    """The wire form of an update under ``compression`` (None: a plain frame); a plain frame
+    of at most ``inline_max`` bytes comes as ``bytes``, ready to travel inline."""
     cast, deflate = _parts(compression)
     meta_out = dict(meta or {})
     if cast is not None:
@@ -90,9 +95,10 @@ def pack_update(
         tensors = packed
         if originals:
             meta_out[_CAST_KEY] = originals
-    frame = encode_frame(tensors, meta_out)
     if not deflate:
-        return frame
+        return encode_frame(tensors, meta_out, bytes_up_to=inline_max)
+    frame = encode_frame(tensors, meta_out)
+    assert isinstance(frame, memoryview)
     width = max(
         (np.asarray(v).dtype.itemsize for v in tensors.values() if _is_float(np.asarray(v))),
         default=1,

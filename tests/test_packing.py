@@ -83,6 +83,22 @@ def test_a_plain_frame_unpacks_as_itself() -> None:
         np.testing.assert_array_equal(tensors[name], array)
 
 
+@pytest.mark.parametrize("compression", [None, "float16"])
+def test_a_frame_small_enough_to_travel_inline_comes_as_bytes(compression: str | None) -> None:
+    # Prepare
+    original = model()
+    size = memoryview(pack_update(original, compression)).nbytes
+
+    # Execute: the limit at the frame's size, and one byte below it.
+    inline = pack_update(original, compression, inline_max=size)
+    framed = pack_update(original, compression, inline_max=size - 1)
+
+    # Assert: the same frame, as bytes (what an inline message carries) or as a buffer.
+    assert isinstance(inline, bytes)
+    assert isinstance(framed, memoryview)
+    assert inline == bytes(framed)
+
+
 def test_unknown_compression_is_refused() -> None:
     with pytest.raises(CodecError, match="unknown compression 'lz4'"):
         pack_update(model(), "lz4")
