@@ -346,12 +346,20 @@ class AggregatorService:
     def _take_model(self, received: ReceivedModel) -> None:
         """Handle a chunked model beside the consumer: validating, folding and (for the
         round's last model) aggregating and publishing take a while, and heartbeats and other
-        uploads keep being taken meanwhile (the round lock keeps rounds consistent)."""
-        task = asyncio.create_task(
-            self._safely(received.topic, self._on_model(received)), name="model"
-        )
+        uploads keep being taken meanwhile (the round lock keeps rounds consistent). An upload
+        counts against the receive budget until it is folded or refused, so uploads waiting
+        for the round lock do not pile up beyond it."""
+        task = asyncio.create_task(self._handle_model(received), name="model")
         self._model_tasks.add(task)
         task.add_done_callback(self._model_tasks.discard)
+
+    async def _handle_model(self, received: ReceivedModel) -> None:
+        try:
+            await self._safely(received.topic, self._on_model(received))
+        finally:
+            if received.held:
+                self._receiver.release(received)
+                await self._safely(received.topic, self._receiver.admit())
 
     def _source(self, topic: str) -> str:
         """Who a message came from, by its topic (what the broker authenticated)."""

@@ -6,8 +6,10 @@ payloads. Both agents and aggregators use these; nothing here knows about rounds
 
 Flow control: a receiver with a ``budget`` holds at most that many bytes of open transfers (one
 transfer larger than the budget is taken alone). Transfers announced beyond it wait their turn,
-in order. A sender that announced ``pull`` sends its chunks only when asked, so nothing is sent
-twice; chunks pushed for a waiting transfer are dropped and asked for again when its turn comes.
+in order. A budgeted transfer that completed still counts until its consumer is done with it
+(:meth:`ModelReceiver.release`): models that wait to be used are held memory too. A sender
+that announced ``pull`` sends its chunks only when asked, so nothing is sent twice; chunks
+pushed for a waiting transfer are dropped and asked for again when its turn comes.
 (An aggregator lets agents push uploads up to their share of its budget, ``push_limit`` in its
 status: those fit together, and skip the round trip of being asked.)
 
@@ -127,6 +129,8 @@ class ReceivedModel:
     message: ModelMessage
     #: The payload: bytes when it came inline, else the buffer it was reassembled in (writable).
     payload: Buffer
+    #: Bytes of the receiver's budget it holds until released (0: none).
+    held: int = 0
 
 
 @dataclass(slots=True)
@@ -141,6 +145,8 @@ class _Pending:
     asked: int = 0
     #: Bytes asked for and not received yet.
     due: int = 0
+    #: Counted against the budget: once complete, until released.
+    budgeted: bool = False
 
 
 @dataclass(slots=True)
@@ -196,6 +202,7 @@ class ModelReceiver:
     _ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
     _waiting: OrderedDict[str, _Waiting] = field(default_factory=OrderedDict)
     _open_bytes: int = 0
+    _held: int = 0  # bytes of completed budgeted transfers not released yet
     _due: int = 0  # bytes asked for and not received yet, over all pulled transfers
     #: Pushed transfers whose last chunk came with others missing: a broker queue overflowed
     #: (chunks of a topic arrive in order), so they are asked for at once, not after a stall.
@@ -203,8 +210,15 @@ class ModelReceiver:
 
     @property
     def open_bytes(self) -> int:
-        """Bytes of the transfers open now (what the budget bounds)."""
-        return self._open_bytes
+        """Bytes of the transfers open now and of completed ones not released yet (what the
+        budget bounds)."""
+        return self._open_bytes + self._held
+
+    def release(self, received: ReceivedModel) -> None:
+        """The consumer is done with ``received`` (folded or refused): its bytes leave the
+        budget. Call :meth:`admit` afterwards."""
+        self._held -= received.held
+        received.held = 0
 
     @property
     def waiting(self) -> int:
@@ -264,17 +278,34 @@ class ModelReceiver:
         if budgeted and (self._waiting or not self._fits(manifest.total_bytes)):
             self._waiting[tid] = _Waiting(topic, message, manifest)
         else:
-            self._open(tid, topic, message, manifest, request=bool(message.pull))
+            self._open(
+                tid, topic, message, manifest, request=bool(message.pull), budgeted=budgeted
+            )
         return None
 
     def _fits(self, size: int) -> bool:
-        return self.budget is None or not self._pending or self._open_bytes + size <= self.budget
+        if self.budget is None:
+            return True
+        taken = self._open_bytes + self._held
+        return taken == 0 or taken + size <= self.budget
 
     def _open(
-        self, tid: str, topic: str, message: ModelMessage, manifest: Manifest, *, request: bool
+        self,
+        tid: str,
+        topic: str,
+        message: ModelMessage,
+        manifest: Manifest,
+        *,
+        request: bool,
+        budgeted: bool,
     ) -> None:
         self._pending[tid] = _Pending(
-            topic, message, Reassembler(manifest), time.monotonic(), pull=request
+            topic,
+            message,
+            Reassembler(manifest),
+            time.monotonic(),
+            pull=request,
+            budgeted=budgeted,
         )
         self._open_bytes += manifest.total_bytes
 
@@ -288,7 +319,9 @@ class ModelReceiver:
                 break
             del self._waiting[tid]
             # Pushed before its turn or pulled: either way its chunks are asked for now.
-            self._open(tid, waiting.topic, waiting.message, waiting.manifest, request=True)
+            self._open(
+                tid, waiting.topic, waiting.message, waiting.manifest, request=True, budgeted=True
+            )
         while self._gaps and self.on_missing is not None:
             tid = self._gaps.pop()
             p = self._pending.get(tid)
@@ -369,7 +402,9 @@ class ModelReceiver:
             return None
         self._forget(parsed.transfer_id)
         payload = pending.reassembler.result()  # FrameError on a hash mismatch
-        return ReceivedModel(pending.topic, pending.message, payload)
+        held = pending.reassembler.total_bytes if pending.budgeted else 0
+        self._held += held
+        return ReceivedModel(pending.topic, pending.message, payload, held)
 
     def pending_for(self, topic: str) -> ModelMessage | None:
         tid = self._by_topic.get(topic)

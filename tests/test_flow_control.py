@@ -65,10 +65,11 @@ async def test_transfers_beyond_the_budget_wait_and_are_asked_for_in_turn() -> N
     first_asked = list(asked.calls)
     pushed_early = feed(receiver, "ccc", uploads["ccc"][0], uploads["ccc"][2])
     done_a = feed(receiver, "a", uploads["a"][0], uploads["a"][2])
+    receiver.release(done_a[0])  # its consumer is done with it
     await receiver.admit()
 
     # Assert: a and bb were asked for every chunk; ccc waited (its early chunks were dropped,
-    # not counted as bad) and is asked for once a finished.
+    # not counted as bad) and is asked for once a was done with.
     assert first_asked == [("a", list(range(10))), ("bb", list(range(10)))]
     assert pushed_early == []
     assert [d.message.sender for d in done_a] == ["a"]
@@ -77,6 +78,32 @@ async def test_transfers_beyond_the_budget_wait_and_are_asked_for_in_turn() -> N
     assert receiver.waiting == 0
     done_c = feed(receiver, "ccc", uploads["ccc"][0], uploads["ccc"][2])
     assert bytes(done_c[0].payload) == uploads["ccc"][0]
+
+
+async def test_a_complete_upload_holds_its_share_until_its_consumer_releases_it() -> None:
+    # Prepare: room for two uploads at a time; three announced.
+    asked = Asked()
+    receiver = ModelReceiver(max_bytes=1 << 20, budget=2 * SIZE, on_missing=asked)
+    uploads = {name: upload(name) for name in ("a", "bb", "ccc")}
+    for name, (_, message, _) in uploads.items():
+        receiver.announce(TOPICS.agg_local("a1", name), message, budgeted=True)
+    await receiver.admit()
+
+    # Execute: a and bb complete; their models wait for their consumer (a round lock, say).
+    done = [*feed(receiver, "a", *uploads["a"][::2]), *feed(receiver, "bb", *uploads["bb"][::2])]
+    await receiver.admit()
+    while_held = (receiver.open_bytes, receiver.waiting, [s for s, _ in asked.calls])
+    receiver.release(done[0])
+    receiver.release(done[0])  # twice: the second release is a no-op
+    await receiver.admit()
+
+    # Assert: two complete models still held the whole budget, so ccc waited; releasing a's
+    # let ccc in (its bytes count now, b's still do).
+    assert [d.held for d in done] == [0, SIZE]
+    assert while_held == (2 * SIZE, 1, ["a", "bb"])
+    assert [s for s, _ in asked.calls] == ["a", "bb", "ccc"]
+    assert receiver.open_bytes == 2 * SIZE
+    assert receiver.waiting == 0
 
 
 async def test_a_transfer_larger_than_the_budget_is_taken_alone() -> None:
@@ -90,7 +117,7 @@ async def test_a_transfer_larger_than_the_budget_is_taken_alone() -> None:
     receiver.announce(TOPICS.agg_local("a1", "s"), small[1], budgeted=True)
     await receiver.admit()
     before = [sender for sender, _ in asked.calls]
-    feed(receiver, "big", big[0], big[2])
+    receiver.release(feed(receiver, "big", big[0], big[2])[0])
     await receiver.admit()
 
     # Assert
