@@ -3,7 +3,8 @@
 It listens for the base model, agents' presence, local models and model requests; validates
 every message before use (one clear log line and an ack with the reason for each rejection);
 aggregates when the threshold is met; publishes the new model (retained manifest, chunks not
-retained) and its status.
+retained) and its status: at once when its state or a setting changed, else (a new round, a
+model collected) at most once per ``monitor_interval``, since every agent receives every status.
 
 A heartbeat monitor re-counts the active agents every ``monitor_interval`` seconds (an agent
 silent for ``agent_timeout`` seconds is TIMEOUT), logs every change, and completes the round
