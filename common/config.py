@@ -253,9 +253,10 @@ class AggregatorConfig(_Settings):
     receive_budget: int = Field(
         default=128 << 20,
         ge=1 << 20,
-        description="bytes of local-model uploads received at once; further uploads wait their "
-        "turn (agents send their chunks when asked), so memory does not grow with the number "
-        "of agents. One upload larger than this is received alone",
+        description="bytes of local-model uploads held at once, from their first chunk until "
+        "they are folded; further uploads wait their turn (agents send their chunks when "
+        "asked), so memory does not grow with the number of agents. One upload larger than "
+        "this is received alone",
     )
     compression: Compression | None = Field(
         default=None,
