@@ -231,6 +231,11 @@ class ModelSpec:
         return cls(tuple(specs), framework)
 
 
+#: Wire names of the dtypes seen so far: ``dtype.name`` is a slow property, asked for every
+#: tensor of every model sent or received.
+_NAMES: dict[Any, str] = {}
+
+
 def dtype_name(dtype: np.dtype[Any]) -> str:
     """The wire name of ``dtype`` (byte order ignored); CodecError if it cannot travel."""
     try:
@@ -243,17 +248,10 @@ def dtype_name(dtype: np.dtype[Any]) -> str:
     elif dtype.fields is None and dtype.subdtype is None and dtype.name in _DTYPES:
         name = dtype.name
     else:
-        raise CodecError(
-            f"dtype {dtype} cannot be sent; supported: {', '.join(SUPPORTED_DTYPES)}"
-        )
+        raise CodecError(f"dtype {dtype} cannot be sent; supported: {', '.join(SUPPORTED_DTYPES)}")
     if len(_NAMES) < 256:
         _NAMES[dtype] = name
     return name
-
-
-#: Wire names of the dtypes seen so far: ``dtype.name`` is a slow property, asked for every
-#: tensor of every model sent or received.
-_NAMES: dict[Any, str] = {}
 
 
 def dtype_from_name(name: str) -> np.dtype[Any]:

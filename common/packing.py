@@ -97,8 +97,7 @@ def pack_update(
             meta_out[_CAST_KEY] = originals
     if not deflate:
         return encode_frame(tensors, meta_out, bytes_up_to=inline_max)
-    frame = encode_frame(tensors, meta_out)
-    assert isinstance(frame, memoryview)
+    frame = memoryview(encode_frame(tensors, meta_out))
     width = max(
         (np.asarray(v).dtype.itemsize for v in tensors.values() if _is_float(np.asarray(v))),
         default=1,
