@@ -72,6 +72,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 _PUBLISH = 0x30
+_PUBACK = 0x40
 _DISCONNECT = 0xE0
 _MAX_REMAINING = 268_435_455
 _U16 = struct.Struct("!H")
@@ -79,6 +80,19 @@ _NO_PROPERTIES = b"\x00"
 # paho's clock for keepalive bookkeeping (time.monotonic where it exists).
 _now = time.monotonic
 _NO_PUBLISH_PROPERTIES = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+# A PUBACK that says success (0) or "no matching subscribers" (16, also a success) without
+# properties: after the packet id, nothing (success), the reason code, or the reason code and
+# an empty property list. The reason codes they stand for are shared, never modified.
+_SUCCESS = ReasonCode(PacketTypes.PUBACK, identifier=0)
+_NO_SUBSCRIBERS = ReasonCode(PacketTypes.PUBACK, identifier=16)
+_PLAIN_PUBACKS = {
+    b"": _SUCCESS,
+    b"\x00": _SUCCESS,
+    b"\x00\x00": _SUCCESS,
+    b"\x10": _NO_SUBSCRIBERS,
+    b"\x10\x00": _NO_SUBSCRIBERS,
+}
+_NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 _tuned = False
@@ -325,6 +339,10 @@ class LeanPahoClient(mqtt.Client):
     def _handle_whole(self, command: int, packet: memoryview) -> MQTTErrorCode:
         """Handle one whole packet (a view the caller's buffer may reuse afterwards)."""
         if command & 0xF0 != _PUBLISH:
+            if command == _PUBACK and len(packet) <= 4:
+                code = _PLAIN_PUBACKS.get(bytes(packet[2:]))
+                if code is not None:
+                    return self._puback(_U16.unpack_from(packet)[0], code)
             return self._handle_other(command, bytes(packet))
         parsed = self._publish_header(command, packet)
         if parsed is None:
@@ -415,6 +433,14 @@ class LeanPahoClient(mqtt.Client):
                 self._in_messages[message.mid] = message
             return rc
         return MQTTErrorCode.MQTT_ERR_PROTOCOL
+
+    def _puback(self, mid: int, code: ReasonCode) -> MQTTErrorCode:
+        """paho's PUBACK handling for a plain one (success, no properties), without decoding
+        it into new reason-code and properties objects."""
+        with self._out_message_mutex:
+            if mid in self._out_messages:
+                return self._do_on_publish(mid, code, _NO_PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_other(self, command: int, packet: bytes | bytearray) -> MQTTErrorCode:
         """Any packet but PUBLISH: paho's own handlers, given the packet as it expects."""

@@ -198,3 +198,31 @@ async def test_acknowledgements_of_what_one_read_brought_go_out_without_a_writer
     # were written when each read was done.
     assert got == [b"%d" % i for i in range(total)]
     assert registered == []
+
+
+async def test_a_plain_puback_confirms_a_publish_without_pahos_decoder(
+    mosquitto: MosquittoBroker, project_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: paho's PUBACK decoder fails if it is called (it builds reason-code and
+    # properties objects for every PUBACK); confirmations are counted as they are set.
+    import paho.mqtt._packet as packet
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("paho decoded a plain PUBACK")
+
+    monkeypatch.setattr(packet, "decode_puback", refuse)
+    topic = f"fedhive/v1/{project_name}/confirmed"
+    async with MqttTransport(settings=broker_settings(mosquitto)) as t:
+        # Execute: confirmed QoS 1 publishes (each waits for the broker's PUBACK), first with
+        # nobody subscribed (Mosquitto's PUBACK then says "no matching subscribers"), then
+        # with a subscriber (a bare 2-byte PUBACK).
+        for i in range(10):
+            await t.publish(topic, b"%d" % i, qos=1)
+        await t.subscribe(topic)
+        for i in range(10, 20):
+            await t.publish(topic, b"%d" % i, qos=1)
+        got = [(await _next(t)).payload for _ in range(10)]
+
+    # Assert: every publish was confirmed through the lean path (a decode would have broken
+    # the connection and timed the publish out).
+    assert got == [b"%d" % i for i in range(10, 20)]
