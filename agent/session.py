@@ -584,7 +584,8 @@ class AgentSession:
 
         async with self._changed:
             try:
-                await asyncio.wait_for(self._changed.wait_for(ready), timeout)
+                async with asyncio.timeout(timeout):  # no task per wait, unlike wait_for
+                    await self._changed.wait_for(ready)
             except TimeoutError:
                 raise FedhiveTimeoutError(
                     f"no model after round {after} from aggregator "
@@ -652,7 +653,8 @@ class AgentSession:
             if ack_timeout is None:
                 return None
             try:
-                return await asyncio.wait_for(fut, ack_timeout)
+                async with asyncio.timeout(ack_timeout):
+                    return await fut
             except TimeoutError:
                 log.warning(
                     "%s: no acknowledgement for round %d within %s s", self.name, round, ack_timeout

@@ -368,7 +368,8 @@ class _AckCheckingClient(aiomqtt.Client):
             pending = cast(dict[int, Any], self._pending_publishes)
             with self._pending_call(info.mid, confirmation, pending):
                 try:
-                    await asyncio.wait_for(confirmation.future, self.timeout)
+                    async with asyncio.timeout(self.timeout):  # no task, unlike wait_for
+                        await confirmation.future
                 except TimeoutError:
                     raise aiomqtt.MqttError("Operation timed out") from None
         code = self._refused.pop(info.mid, None)
