@@ -12,6 +12,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     StrictFloat,
     StrictInt,
     StrictStr,
@@ -37,6 +38,21 @@ Count = Annotated[StrictInt, Field(ge=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
 TransferId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+def _inline_data(value: object) -> bytes | memoryview:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray):
+        return bytes(value)
+    if isinstance(value, memoryview) and value.readonly and value.ndim == 1:
+        return value if value.format == "B" else value.cast("B")
+    raise ValueError(f"Input should be bytes, got {type(value).__name__}")
+
+
+#: A model's inline bytes: ``bytes``, or a read-only view of the received envelope
+#: (``decode_message`` does not copy them out of it).
+InlineData = Annotated[bytes | memoryview, PlainValidator(_inline_data)]
 
 
 class _Message(BaseModel):
@@ -95,7 +111,7 @@ class ModelMessage(_Message):
     num_samples: FiniteFloat = Field(default=1.0, ge=0)
     metrics: Metrics = Field(default_factory=dict)
     transfer: TransferInfo | None = None
-    data: bytes | None = None
+    data: InlineData | None = None
     framework: str | None = Field(default=None, max_length=32)
     #: Whose models it aggregates. A model for agents (an aggregator's ``model`` topic) lists at
     #: most :data:`MAX_LISTED_CONTRIBUTORS` and counts the rest in ``contributors_omitted``:
@@ -480,19 +496,23 @@ def encode_message(message: BaseModel) -> bytes:
     return packed
 
 
+#: The msgpack ``str`` "data": the key :func:`encode_model_message` writes first.
+_DATA_KEY = b"\xa4data"
+_BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
+
+
 def encode_model_message(message: ModelMessage) -> bytes | Segments:
-    """:func:`encode_message` for a model, without copying its inline ``data``: the map up to
-    it, then ``data`` itself, sent back to back (the same map, with ``data`` last). Packing
-    copies ``data`` twice (into msgpack's buffer, then into the bytes it returns)."""
+    """:func:`encode_message` for a model, without copying its inline ``data``: the map's
+    header and ``data``'s key, ``data`` itself, then the other fields, sent back to back.
+    Packing would copy ``data`` twice (into msgpack's buffer, then into the bytes it returns).
+    ``data`` comes first so :func:`decode_message` finds it without parsing the rest."""
     if message.data is None:
         return encode_message(message)
     fields = message.model_dump(mode="python", exclude_none=True, exclude={"data"})
     packer = msgpack.Packer()
-    head = [packer.pack_map_header(len(fields) + 1)]
-    for key, value in fields.items():
-        head += (packer.pack(key), packer.pack(value))
-    head += (packer.pack("data"), _bin_header(len(message.data)))
-    return Segments(b"".join(head), message.data)
+    head = packer.pack_map_header(len(fields) + 1) + _DATA_KEY + _bin_header(len(message.data))
+    rest = b"".join(packer.pack(key) + packer.pack(value) for key, value in fields.items())
+    return Segments(head, message.data, rest)
 
 
 def _bin_header(n: int) -> bytes:
@@ -505,13 +525,42 @@ def _bin_header(n: int) -> bytes:
     return b"\xc6" + n.to_bytes(4, "big")
 
 
+def _leading_data(payload: bytes | bytearray) -> tuple[bytes, memoryview] | None:
+    """For a map whose first entry is ``data`` with a ``bin`` value (as
+    :func:`encode_model_message` writes it): the map without that entry, and a read-only view
+    of the value, not a copy (msgpack would copy it into new bytes). None for any other map."""
+    first = payload[0] if payload else 0
+    if 0x81 <= first <= 0x8F:
+        count, pos = first & 0x0F, 1
+    elif first == 0xDE and len(payload) >= 3:
+        count, pos = int.from_bytes(payload[1:3], "big"), 3
+    else:
+        return None
+    width = _BIN_WIDTHS.get(payload[pos + 5]) if len(payload) > pos + 5 else None
+    if width is None or payload[pos : pos + 5] != _DATA_KEY:
+        return None
+    start = pos + 6 + width
+    end = start + int.from_bytes(payload[pos + 6 : start], "big")
+    if end > len(payload):
+        return None  # truncated: msgpack says so
+    view = memoryview(payload)
+    others = count - 1
+    header = bytes((0x80 | others,)) if others < 16 else b"\xde" + others.to_bytes(2, "big")
+    return header + view[end:], view[start:end].toreadonly()
+
+
 def decode_message(payload: bytes | bytearray, *, max_bytes: int = MAX_ENVELOPE_BYTES) -> Message:
-    """Unpack and validate one envelope; MessageError says what was wrong."""
+    """Unpack and validate one envelope; MessageError says what was wrong.
+
+    A model's inline ``data`` written first in the map (:func:`encode_model_message`) is
+    decoded as a read-only view of ``payload``, not copied: ``payload`` must not change
+    while the message is in use."""
     if len(payload) > max_bytes:
         raise MessageError(f"message of {len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    leading = _leading_data(payload)
     try:
         raw = msgpack.unpackb(
-            payload,
+            payload if leading is None else leading[0],
             raw=False,
             strict_map_key=True,
             max_bin_len=max_bytes,
@@ -527,6 +576,10 @@ def decode_message(payload: bytes | bytearray, *, max_bytes: int = MAX_ENVELOPE_
         raise MessageError(f"not a msgpack envelope: {type(exc).__name__} {exc}".rstrip()) from exc
     if not isinstance(raw, dict):
         raise MessageError(f"envelope must be a map, got {type(raw).__name__}")
+    if leading is not None:
+        if "data" in raw:
+            raise MessageError("envelope has the key 'data' twice")
+        raw["data"] = leading[1]
     version = raw.get("v")
     # ``True == 1`` and ``1.0 == 1`` in Python: only the int 1 is version 1.
     if type(version) is not int or version != PROTOCOL_VERSION:

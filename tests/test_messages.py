@@ -610,14 +610,58 @@ def test_a_model_envelope_sent_in_two_parts_is_the_same_message(size: int) -> No
     envelope = encode_model_message(message)
     joined = bytes(envelope)
 
-    # Assert: the same map as encode_message (data last), decoding to the same message, with
-    # the data itself as the last part, not a copy.
+    # Assert: the same map as encode_message (data first), decoding to the same message, with
+    # the data itself as a part, not a copy; decoded, the data is a view of the envelope.
     assert msgpack.unpackb(joined) == msgpack.unpackb(encode_message(message))
-    assert decode_message(joined) == message
+    decoded = decode_message(joined)
+    assert decoded == message
     assert len(envelope) == len(joined) == len(encode_message(message))
     if size:
         assert not isinstance(envelope, bytes)
-        assert envelope.parts[-1].obj is data
+        assert envelope.parts[1].obj is data
+        assert isinstance(decoded, ModelMessage)
+        assert isinstance(decoded.data, memoryview)
+        assert decoded.data.obj is joined
+        assert decoded.data.readonly
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_model_envelope_with_data_first_decodes_like_any_other_order(full: bool) -> None:
+    # Prepare: the same fields with 'data' first and last; every field makes a map of 16
+    # entries (msgpack's map16 header, not a fixmap).
+    fields = model(data=b"\x00\x01\x02")
+    if full:
+        fields |= {
+            "num_samples": 2.0, "metrics": {"acc": 0.5}, "framework": "numpy",
+            "contributors": [{"agent": "a1", "num_samples": 2.0}], "contributors_omitted": 0,
+            "method": "fedavg", "base_sha": "0" * 64, "pull": False,
+        }  # fmt: skip
+    assert len(fields) == (16 if full else 8)
+    first = {"data": fields.pop("data"), **fields}
+    last = {**fields, "data": first["data"]}
+
+    # Execute
+    a = decode_message(msgpack.packb(first))
+    b = decode_message(bytearray(msgpack.packb(last)))
+
+    # Assert
+    assert a == b
+    assert isinstance(a, ModelMessage)
+    assert isinstance(a.data, memoryview)
+    assert bytes(a.data) == b"\x00\x01\x02"
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"\x82\xa4data\xc4\x05ab", "not a msgpack envelope"),  # data cut short
+        (b"\x82\xa4data\xc4\x01a\xa4data\xc4\x01b", "'data' twice"),
+        (b"\x81\xa4data\xa1a", "unsupported protocol version"),  # str, not bin: msgpack's path
+    ],
+)
+def test_a_malformed_leading_data_entry_is_refused(payload: bytes, error: str) -> None:
+    with pytest.raises(MessageError, match=error):
+        decode_message(payload)
 
 
 def test_a_chunked_model_envelope_is_plain_bytes() -> None:

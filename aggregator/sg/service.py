@@ -42,7 +42,7 @@ from aggregator.sg.liveness import AggregatorTracker
 from aggregator.store import RecoveredLocal, RecoveredState, RoundJournal, StoreError
 from aggregator.strategies import create_strategy
 from aggregator.strategies.base import round_back
-from common.codec import Array, ModelSpec, decode, dtype_from_name, encode
+from common.codec import Array, Buffer, ModelSpec, decode, dtype_from_name, encode
 from common.config import SgAggregatorConfig
 from common.errors import FedhiveError, MessageError
 from common.exchange import (
@@ -111,7 +111,7 @@ class SgAggregatorService:
         self._base_spec: ModelSpec | None = None
         self._base_sha: str | None = None
         self._resume: ModelMessage | None = None  # our own retained SG model, seen at start
-        self._payload: bytes | None = None  # the current SG model, encoded
+        self._payload: Buffer | None = None  # the current SG model, encoded
         self._message: ModelMessage | None = None
         self._contributors: dict[str, list[Contributor]] = {}  # of the open round, by region
         self._liveness: dict[str, AggregatorLiveness] = {}  # as last logged
