@@ -643,7 +643,7 @@ def decode(buf: Buffer, *, max_tensors: int = 100_000) -> tuple[dict[str, Array]
 
 def _first_non_finite(array: Array) -> tuple[int, Any] | None:
     flat = array.reshape(-1)
-    if flat.dtype in (np.float32, np.float64) and flat.shape[0] >= _FINITE_BLOCK:
+    if flat.dtype in (np.float32, np.float64):
         # x·x is finite iff every element is (unless the squares overflow: then scan); BLAS
         # reads x at memory speed and allocates nothing.
         with np.errstate(over="ignore", invalid="ignore"):
