@@ -442,6 +442,24 @@ class LeanPahoClient(mqtt.Client):
                 return self._do_on_publish(mid, code, _NO_PUBACK_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
+    def _handle_on_message(self, message: mqtt.MQTTMessage) -> None:
+        """paho's, without matching the topic against per-topic callbacks when there are
+        none (the transport has one ``on_message``): that walk decoded the topic twice and
+        split it into levels for every message."""
+        if self._on_message_filtered._root._children:
+            super()._handle_on_message(message)
+            return
+        on_message = self.on_message
+        if on_message is None:
+            return
+        with self._in_callback_mutex:
+            try:
+                on_message(self, self._userdata, message)
+            except Exception as err:
+                self._easy_log(mqtt.MQTT_LOG_ERR, "Caught exception in on_message: %s", err)
+                if not self.suppress_exceptions:
+                    raise
+
     def _handle_other(self, command: int, packet: bytes | bytearray) -> MQTTErrorCode:
         """Any packet but PUBLISH: paho's own handlers, given the packet as it expects."""
         self._in_packet = {

@@ -6,6 +6,7 @@ manifest on ``T`` and chunk frames on ``T/chunk`` (see :mod:`common.chunking`).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -177,8 +178,12 @@ class Topics:
         """Take a topic of this project apart; raise :class:`MessageError` if unknown.
 
         Names in the topic are checked like the builders check them. ``T/chunk`` parses as
-        ``T`` with ``chunk=True``, for the topics that carry model payloads.
+        ``T`` with ``chunk=True``, for the topics that carry model payloads. The same few
+        topics come again with every message: recent results are kept (errors are not).
         """
+        return _parse(self, topic)
+
+    def _parse(self, topic: str) -> ParsedTopic:
         prefix = self.root + "/"
         if not topic.startswith(prefix):
             raise MessageError(f"topic {topic!r} is not under {prefix!r}")
@@ -232,6 +237,11 @@ class Topics:
                     TopicKind.METRICS, p, aggregator=_level("aggregator", aggr, topic), chunk=chunk
                 )
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(topics: Topics, topic: str) -> ParsedTopic:
+    return topics._parse(topic)
 
 
 def _agent(name: str) -> str:
