@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from aggregator.strategies.fedavg import zeros as fedavg_zeros
 from common import codec
 from common.codec import (
     SUPPORTED_DTYPES,
@@ -28,6 +29,8 @@ from common.codec import (
     dtype_name,
     encode,
     encoded_size,
+    new_buffer,
+    new_raw,
 )
 from common.errors import CodecError, FrameError, InvalidModelError, ModelMismatchError
 
@@ -629,3 +632,49 @@ def test_check_finite_accepts_finite_and_ignores_integers() -> None:
 
     # Execute / Assert (no exception)
     check_finite(tensors)
+
+
+# ------------------------------------------------------------------ pooled buffers
+def _address(buffer: memoryview | np.ndarray) -> int:
+    return int(np.frombuffer(buffer, dtype=np.uint8).ctypes.data)
+
+
+def test_a_large_buffer_nobody_holds_is_handed_out_again_and_one_in_use_is_not() -> None:
+    # Prepare: a pooled-size buffer, and views of it held the ways callers hold them.
+    size = (4 << 20) + 123
+    first = new_buffer(size)
+    where = _address(first)
+    tensor = np.frombuffer(first, dtype=np.uint8)[8:]
+    del first
+
+    # Execute / Assert: while a NumPy view of it lives, a new buffer is another one; once
+    # every view is gone, the same memory comes back (its pages already mapped).
+    second = new_buffer(size)
+    assert _address(second) != where
+    del tensor
+    third = new_buffer(size)
+    assert _address(third) == where
+    # A different size, or a size outside the pooled range, never gets it.
+    del third
+    assert _address(new_buffer(size + 1)) != where
+    small = new_raw(1 << 10)
+    assert _address(new_raw(1 << 10)) != _address(small)
+    del second
+
+
+def test_pooled_fedavg_sums_start_at_zero_in_a_reused_buffer() -> None:
+    # Prepare: a pooled buffer full of garbage, then released.
+    shape = (1 << 19,)  # 4 MiB of float64
+    dirty = new_raw(8 << 19)
+    dirty[:] = 0xFF
+    where = _address(dirty)
+    del dirty
+
+    # Execute
+    sums = fedavg_zeros(shape, np.float64)
+
+    # Assert: the same memory, cleared.
+    assert _address(sums.view(np.uint8)) == where
+    assert sums.shape == shape
+    assert sums.dtype == np.float64
+    assert not sums.any()
