@@ -447,6 +447,20 @@ def new_raw(size: int) -> npt.NDArray[np.uint8]:
     return _POOL.take(size)
 
 
+def new_zeros(shape: tuple[int, ...], dtype: npt.DTypeLike) -> Array:
+    """``np.zeros(shape, dtype)``, in a pooled buffer (:func:`new_raw`) when its size is pooled:
+    a new round's sums reuse the last round's pages. A larger one stays ``np.zeros``, whose
+    pages cost nothing until written (FedAvg over 2 agents with a 1 GB model never writes its
+    2 GB of sums)."""
+    wide = np.dtype(dtype)
+    size = math.prod(shape) * wide.itemsize
+    if not _POOL_MIN <= size <= _POOL_MAX:
+        return np.zeros(shape, dtype=wide)
+    out = new_raw(size).view(wide).reshape(shape)
+    out.fill(0)
+    return out
+
+
 def new_buffer(size: int) -> memoryview:
     """An uninitialised, writable byte buffer of ``size`` bytes in NumPy memory (huge pages for
     large sizes, no zero fill, pooled: :func:`new_raw`): what frames and reassembly buffers

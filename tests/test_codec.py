@@ -16,7 +16,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from aggregator.strategies.fedavg import zeros as fedavg_zeros
 from common import codec
 from common.codec import (
     SUPPORTED_DTYPES,
@@ -31,6 +30,7 @@ from common.codec import (
     encoded_size,
     new_buffer,
     new_raw,
+    new_zeros,
 )
 from common.errors import CodecError, FrameError, InvalidModelError, ModelMismatchError
 
@@ -662,7 +662,7 @@ def test_a_large_buffer_nobody_holds_is_handed_out_again_and_one_in_use_is_not()
     del second
 
 
-def test_pooled_fedavg_sums_start_at_zero_in_a_reused_buffer() -> None:
+def test_pooled_zeros_start_at_zero_in_a_reused_buffer_and_large_ones_stay_lazy() -> None:
     # Prepare: a pooled buffer full of garbage, then released.
     shape = (1 << 19,)  # 4 MiB of float64
     dirty = new_raw(8 << 19)
@@ -671,10 +671,13 @@ def test_pooled_fedavg_sums_start_at_zero_in_a_reused_buffer() -> None:
     del dirty
 
     # Execute
-    sums = fedavg_zeros(shape, np.float64)
+    sums = new_zeros(shape, np.float64)
 
     # Assert: the same memory, cleared.
     assert _address(sums.view(np.uint8)) == where
     assert sums.shape == shape
     assert sums.dtype == np.float64
     assert not sums.any()
+    # Beyond the pooled sizes: NumPy's own zeros (calloc: pages appear when written).
+    big = new_zeros((40 << 20,), np.float64)
+    assert big.base is None

@@ -16,7 +16,6 @@ are the accumulator's to use up): the round then needs no memory beyond the mode
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from aggregator.strategies.base import RoundAccumulator, Strategy, check_weight, round_back
 from aggregator.strategies.kernels import all_finite
-from common.codec import Array, Tensors, dtype_name, frame_of, new_frame, new_raw
+from common.codec import Array, Tensors, dtype_name, frame_of, new_frame, new_zeros
 from common.errors import InvalidModelError, ModelMismatchError, StrategyError
 
 _GROUP = 8
@@ -65,15 +64,6 @@ def _weighted_blocks(
         yield start, stop, total[: stop - start]
 
 
-def zeros(shape: tuple[int, ...], dtype: np.dtype[Any] | type) -> Array:
-    """``np.zeros``, in a pooled buffer (``codec.new_raw``): a new round's sums reuse the
-    last round's pages instead of faulting in fresh ones."""
-    wide = np.dtype(dtype)
-    out = new_raw(math.prod(shape) * wide.itemsize).view(wide).reshape(shape)
-    out.fill(0)
-    return out
-
-
 def fold_weighted(acc: Array, x: Array, weight: float) -> None:
     """acc += weight * x, with ``acc`` float64 and ``x`` any numeric dtype, in blocks."""
     fold_group(acc, [x], [weight])
@@ -103,7 +93,7 @@ class FedAvgAccumulator(RoundAccumulator):
         if not self._sums:
             for name, x in model.items():
                 wide = np.complex128 if x.dtype.kind == "c" else np.float64
-                self._sums[name] = zeros(x.shape, wide)
+                self._sums[name] = new_zeros(x.shape, wide)
                 self._dtypes[name] = x.dtype
         self._pending.append((model, w))
         self._pending_bytes += sum(x.nbytes for x in model.values())
