@@ -422,7 +422,7 @@ class RoundEngine:
         if outcome is None:
             assert self._acc is not None
             try:
-                self._acc.add(tensors, num_samples)
+                self._acc.add_finite(tensors, num_samples)  # _check checked the values
             except FedhiveError as exc:
                 outcome = Outcome(AckStatus.REJECTED, str(exc), type(exc).__name__)
             else:

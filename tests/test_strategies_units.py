@@ -206,6 +206,38 @@ def test_multi_krum_average_is_weighted_by_sample_counts() -> None:
     assert out["w"][0] == np.float32(0.75 * 1 + 0.25 * 2)
 
 
+@pytest.mark.parametrize("method", ["fedavg", "fedadam"])
+def test_add_finite_leaves_the_finite_scan_to_its_caller_with_the_same_result(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: count FedAvg's whole-tensor finite scans.
+    batch = models(5)
+    scans: list[int] = []
+    scan = fedavg_module.all_finite
+
+    def counting(x: Array) -> bool:
+        scans.append(x.size)
+        return scan(x)
+
+    monkeypatch.setattr(fedavg_module, "all_finite", counting)
+    checked, trusted = begin(method, batch[0]), begin(method, batch[0])
+
+    # Execute
+    for m in batch:
+        checked.add(m, 3.0)
+    by_add = len(scans)
+    for m in batch:
+        trusted.add_finite(m, 3.0)
+
+    # Assert: add scans every tensor of every model; add_finite (the engine, which checked
+    # the values itself) scans none; the results are the same.
+    assert by_add == 5 * len(batch[0])
+    assert len(scans) == by_add
+    a, b = checked.result(), trusted.result()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name])
+
+
 # ------------------------------------------------------------------ rejected inputs
 @pytest.mark.parametrize("method", sorted(STRATEGIES))
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

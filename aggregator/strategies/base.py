@@ -53,7 +53,14 @@ class RoundAccumulator(ABC):
 
     @abstractmethod
     def add(self, tensors: Tensors, num_samples: float) -> None:
-        """Take one validated local model; the caller keeps no reference it relies on."""
+        """Take one validated local model; the caller keeps no reference it relies on.
+        Non-finite values raise InvalidModelError, and the model leaves no trace."""
+
+    def add_finite(self, tensors: Tensors, num_samples: float) -> None:
+        """:meth:`add` for a model whose values the caller has checked are all finite (the
+        round engine does): a method that would scan the whole model again for them need
+        not (FedAvg). By default, :meth:`add`."""
+        self.add(tensors, num_samples)
 
     @property
     @abstractmethod

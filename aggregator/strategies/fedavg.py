@@ -83,13 +83,19 @@ class FedAvgAccumulator(RoundAccumulator):
         self._folded = False  # whether the float64 sums hold anything (else they are untouched)
 
     def add(self, tensors: Tensors, num_samples: float) -> None:
+        self._add(tensors, num_samples, finite=False)
+
+    def add_finite(self, tensors: Tensors, num_samples: float) -> None:
+        self._add(tensors, num_samples, finite=True)
+
+    def _add(self, tensors: Tensors, num_samples: float, *, finite: bool) -> None:
         if self._closed:
             raise StrategyError("fedavg: the round's accumulator is closed")
         w = check_weight(num_samples)
         if w == 0:
             return
         model = {name: np.asarray(x) for name, x in tensors.items()}
-        self._check(model)
+        self._check(model, finite=finite)
         if not self._sums:
             for name, x in model.items():
                 wide = np.complex128 if x.dtype.kind == "c" else np.float64
@@ -105,7 +111,7 @@ class FedAvgAccumulator(RoundAccumulator):
         if len(self._pending) >= _GROUP or self._pending_bytes > max(_GROUP_BYTES, wide_bytes):
             self._fold()
 
-    def _check(self, model: dict[str, Array]) -> None:
+    def _check(self, model: dict[str, Array], *, finite: bool = False) -> None:
         if self._sums:
             if model.keys() != self._sums.keys():
                 missing = sorted(self._sums.keys() - model.keys())
@@ -117,6 +123,8 @@ class FedAvgAccumulator(RoundAccumulator):
                         f"tensor {name!r} is {x.dtype}{list(x.shape)}, "
                         f"expected {self._dtypes[name]}{list(self._sums[name].shape)}"
                     )
+        if finite:
+            return
         for name, x in model.items():
             if not all_finite(x):
                 raise InvalidModelError(f"tensor {name!r} has NaN or Inf values")

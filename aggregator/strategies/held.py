@@ -244,6 +244,8 @@ class HeldAccumulator(RoundAccumulator):
 
     # ----------------------------------------------------------------- RoundAccumulator
     def add(self, tensors: Tensors, num_samples: float) -> None:
+        # Held models are checked for finiteness while they are copied in (no extra pass), so
+        # add_finite stays add.
         if self._closed:
             raise StrategyError(f"{self.method}: the round's accumulator is closed")
         w = check_weight(num_samples)

@@ -83,9 +83,16 @@ class ServerOptimizerAccumulator(RoundAccumulator):
         self._result: dict[str, Array] | None = None
 
     def add(self, tensors: Tensors, num_samples: float) -> None:
+        self._require_open()
+        self._fedavg.add(tensors, num_samples)
+
+    def add_finite(self, tensors: Tensors, num_samples: float) -> None:
+        self._require_open()
+        self._fedavg.add_finite(tensors, num_samples)
+
+    def _require_open(self) -> None:
         if self._result is not None:
             raise StrategyError(f"{self._optimizer.name}: the round was already aggregated")
-        self._fedavg.add(tensors, num_samples)
 
     @property
     def count(self) -> int:
