@@ -218,6 +218,23 @@ class BrokerState(enum.Enum):
     STOPPED = "stopped"
 
 
+#: glibc malloc settings for mosquitto (``GLIBC_TUNABLES``). It allocates a buffer for every
+#: message it takes in; a chunk of 1 MiB was above glibc's mapping threshold, or freed memory
+#: was trimmed off the heap's top, so each chunk faulted in fresh, zeroed pages: 17% of the
+#: broker's CPU with 10 agents x 1M parameters. These keep up to 64 MiB of freed memory mapped
+#: for reuse (the broker's RSS may stay that much higher) and allocate chunks from the heap.
+MALLOC_TUNABLES: Final = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=67108864"
+
+
+def _broker_env() -> dict[str, str]:
+    """The environment mosquitto runs in: ours, plus :data:`MALLOC_TUNABLES` (after any
+    tunables already set, which win)."""
+    env = dict(os.environ)
+    mine = env.get("GLIBC_TUNABLES")
+    env["GLIBC_TUNABLES"] = MALLOC_TUNABLES if not mine else f"{MALLOC_TUNABLES}:{mine}"
+    return env
+
+
 class MosquittoBroker:
     """One Mosquitto process, configured from the repo's template, owned by this object.
 
@@ -561,6 +578,7 @@ class MosquittoBroker:
                 # Own session: Ctrl-C in the terminal reaches only us, and we stop mosquitto
                 # cleanly (SIGTERM saves the database) instead of it dying mid-write.
                 start_new_session=True,
+                env=_broker_env(),
             )
         except OSError as exc:
             self._close_output()
