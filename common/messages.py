@@ -496,8 +496,9 @@ def encode_message(message: BaseModel) -> bytes:
     return packed
 
 
-#: The msgpack ``str`` "data": the key :func:`encode_model_message` writes first.
-_DATA_KEY = b"\xa4data"
+#: The msgpack ``str`` "data" (fixstr, or str8 as :func:`encode_model_message` writes it).
+_DATA_KEYS = (b"\xa4data", b"\xd9\x04data")
+_MAP_WIDTHS = {0xDE: 2, 0xDF: 4}
 _BIN_WIDTHS = {0xC4: 1, 0xC5: 2, 0xC6: 4}
 
 
@@ -505,24 +506,25 @@ def encode_model_message(message: ModelMessage) -> bytes | Segments:
     """:func:`encode_message` for a model, without copying its inline ``data``: the map's
     header and ``data``'s key, ``data`` itself, then the other fields, sent back to back.
     Packing would copy ``data`` twice (into msgpack's buffer, then into the bytes it returns).
-    ``data`` comes first so :func:`decode_message` finds it without parsing the rest."""
+
+    ``data`` comes first so :func:`decode_message` finds it without parsing the rest, and
+    16 bytes into the envelope: the map32, str8 and bin32 headers (wider than msgpack needs,
+    which it allows) make that head 16 bytes long, so the tensors a receiver decodes in place
+    are aligned. Misaligned, NumPy copied every tensor before BLAS read it, and cast it by
+    its slow path."""
     if message.data is None:
         return encode_message(message)
     fields = message.model_dump(mode="python", exclude_none=True, exclude={"data"})
     packer = msgpack.Packer()
-    head = packer.pack_map_header(len(fields) + 1) + _DATA_KEY + _bin_header(len(message.data))
+    head = b"".join(
+        (
+            b"\xdf" + (len(fields) + 1).to_bytes(4, "big"),
+            _DATA_KEYS[1],
+            b"\xc6" + len(message.data).to_bytes(4, "big"),
+        )
+    )
     rest = b"".join(packer.pack(key) + packer.pack(value) for key, value in fields.items())
     return Segments(head, message.data, rest)
-
-
-def _bin_header(n: int) -> bytes:
-    """The msgpack ``bin`` header for ``n`` bytes (written here: msgpack-python packs a header
-    only together with its bytes)."""
-    if n < 1 << 8:
-        return b"\xc4" + n.to_bytes(1, "big")
-    if n < 1 << 16:
-        return b"\xc5" + n.to_bytes(2, "big")
-    return b"\xc6" + n.to_bytes(4, "big")
 
 
 def _leading_data(payload: bytes | bytearray) -> tuple[bytes, memoryview] | None:
@@ -532,20 +534,30 @@ def _leading_data(payload: bytes | bytearray) -> tuple[bytes, memoryview] | None
     first = payload[0] if payload else 0
     if 0x81 <= first <= 0x8F:
         count, pos = first & 0x0F, 1
-    elif first == 0xDE and len(payload) >= 3:
-        count, pos = int.from_bytes(payload[1:3], "big"), 3
+    elif first in _MAP_WIDTHS:
+        pos = 1 + _MAP_WIDTHS[first]
+        count = int.from_bytes(payload[1:pos], "big")
     else:
         return None
-    width = _BIN_WIDTHS.get(payload[pos + 5]) if len(payload) > pos + 5 else None
-    if width is None or payload[pos : pos + 5] != _DATA_KEY:
+    key = next((k for k in _DATA_KEYS if payload[pos : pos + len(k)] == k), None)
+    if key is None:
         return None
-    start = pos + 6 + width
-    end = start + int.from_bytes(payload[pos + 6 : start], "big")
+    pos += len(key)
+    width = _BIN_WIDTHS.get(payload[pos]) if len(payload) > pos else None
+    if width is None or count < 1:
+        return None
+    start = pos + 1 + width
+    end = start + int.from_bytes(payload[pos + 1 : start], "big")
     if end > len(payload):
         return None  # truncated: msgpack says so
     view = memoryview(payload)
     others = count - 1
-    header = bytes((0x80 | others,)) if others < 16 else b"\xde" + others.to_bytes(2, "big")
+    if others < 16:
+        header = bytes((0x80 | others,))
+    elif others < 1 << 16:
+        header = b"\xde" + others.to_bytes(2, "big")
+    else:
+        header = b"\xdf" + others.to_bytes(4, "big")
     return header + view[end:], view[start:end].toreadonly()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgpack
+import numpy as np
 import pytest
 from pydantic import BaseModel, ValidationError
 
@@ -615,7 +616,8 @@ def test_a_model_envelope_sent_in_two_parts_is_the_same_message(size: int) -> No
     assert msgpack.unpackb(joined) == msgpack.unpackb(encode_message(message))
     decoded = decode_message(joined)
     assert decoded == message
-    assert len(envelope) == len(joined) == len(encode_message(message))
+    assert len(envelope) == len(joined)
+    assert 0 <= len(joined) - len(encode_message(message)) <= 10  # wider headers, same map
     if size:
         assert not isinstance(envelope, bytes)
         assert envelope.parts[1].obj is data
@@ -623,6 +625,9 @@ def test_a_model_envelope_sent_in_two_parts_is_the_same_message(size: int) -> No
         assert isinstance(decoded.data, memoryview)
         assert decoded.data.obj is joined
         assert decoded.data.readonly
+        # The data starts 16 bytes into the envelope: tensors decoded in place are aligned.
+        assert len(bytes(envelope.parts[0])) == 16
+        assert np.frombuffer(decoded.data, dtype=np.uint8).ctypes.data % 16 == 0
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -657,6 +662,7 @@ def test_a_model_envelope_with_data_first_decodes_like_any_other_order(full: boo
         (b"\x82\xa4data\xc4\x05ab", "not a msgpack envelope"),  # data cut short
         (b"\x82\xa4data\xc4\x01a\xa4data\xc4\x01b", "'data' twice"),
         (b"\x81\xa4data\xa1a", "unsupported protocol version"),  # str, not bin: msgpack's path
+        (b"\xdf\xff\xff\xff\xff\xd9\x04data\xc4\x01a", "not a msgpack envelope"),  # 4G keys
     ],
 )
 def test_a_malformed_leading_data_entry_is_refused(payload: bytes, error: str) -> None:
