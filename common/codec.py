@@ -25,9 +25,9 @@ import math
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import ml_dtypes
 import msgpack
@@ -400,49 +400,76 @@ def _flat(buf: Buffer) -> memoryview:
     return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
-#: Byte buffers of these sizes are pooled (:func:`new_raw`); at most ``_POOL_BYTES`` in all
-#: per process. Smaller ones come cheap from malloc; a larger one (a 1 GB model) is not kept.
-_POOL_MIN, _POOL_MAX, _POOL_BYTES = 2 << 20, 256 << 20, 1 << 30
+_B = TypeVar("_B", bytearray, npt.NDArray[np.uint8])
 
 
-class _BufferPool:
-    """Large byte buffers handed out again once nobody uses them any more.
+class BufferPool(Generic[_B]):
+    """Byte buffers handed out again once nobody uses them any more.
 
-    A fresh buffer of tens of MB costs a page fault and a page of zeros from the kernel for
-    every 4 KB (2 MB with huge pages) it is first written to: glibc maps it anew and unmaps
-    it when it is freed. A federation moves buffers of the same few sizes round after round
-    (uploads, frames, sums), so one that nobody references any more (a refcount check: the
-    memoryviews and arrays made from it keep it referenced) is reused as it is, its pages
-    already in place: 10 agents × 10M parameters spent a third of the aggregator's CPU in the
-    kernel zeroing pages before."""
+    A buffer nobody but the pool references (a refcount check: the memoryviews and arrays made
+    from it, a worker thread copying it, all keep it referenced) is handed out again for the
+    same size instead of a new one. A new buffer of tens of MB costs a page fault and a page
+    of zeros from the kernel for every 4 KB (2 MB with huge pages) it is first written to:
+    glibc maps it anew and unmaps it when it is freed. A federation moves buffers of the same
+    few sizes round after round (payloads, uploads, frames, sums): 10 agents × 10M parameters
+    spent a third of the aggregator's CPU in the kernel zeroing pages before.
 
-    def __init__(self) -> None:
-        self._buffers: list[npt.NDArray[np.uint8]] = []
-        self._bytes = 0
+    Sizes from ``min_bytes`` to ``max_bytes`` are pooled, at most ``max_count`` buffers and
+    ``max_total`` bytes; buffers are made by ``make(size)`` and kept for the process's life.
+    """
+
+    def __init__(
+        self,
+        make: Callable[[int], _B],
+        *,
+        min_bytes: int,
+        max_bytes: int | None = None,
+        max_count: int | None = None,
+        max_total: int | None = None,
+    ) -> None:
+        self._make: Callable[[int], _B] = make
+        self._min, self._max = min_bytes, max_bytes
+        self._max_count, self._max_total = max_count, max_total
+        self._buffers: list[_B] = []
+        self._total = 0
         self._lock = threading.Lock()
 
-    def take(self, size: int) -> npt.NDArray[np.uint8]:
-        if not _POOL_MIN <= size <= _POOL_MAX:
-            return np.empty(size, dtype=np.uint8)
+    def pools(self, size: int) -> bool:
+        """Whether buffers of ``size`` bytes are pooled."""
+        return self._min <= size and (self._max is None or size <= self._max)
+
+    def take(self, size: int) -> _B:
+        """A buffer of ``size`` bytes (old contents, or new): a released one, or a new one."""
+        if not self.pools(size):
+            return self._make(size)
         with self._lock:
             buffers = self._buffers
             for i in range(len(buffers)):
                 # 2: the pool's reference and getrefcount's argument; nobody else has it.
-                if buffers[i].nbytes == size and sys.getrefcount(buffers[i]) == 2:
+                if len(buffers[i]) == size and sys.getrefcount(buffers[i]) == 2:
                     return buffers[i]
-            buffer = np.empty(size, dtype=np.uint8)
-            if self._bytes + size <= _POOL_BYTES:
+            buffer = self._make(size)
+            if (self._max_count is None or len(buffers) < self._max_count) and (
+                self._max_total is None or self._total + size <= self._max_total
+            ):
                 buffers.append(buffer)
-                self._bytes += size
+                self._total += size
             return buffer
 
 
-_POOL = _BufferPool()
+#: NumPy byte buffers of 2–256 MiB (frames, reassembly buffers, sums), at most 1 GiB a process.
+#: Smaller ones come cheap from malloc; a larger one (a 1 GB model) is not kept.
+_POOL = BufferPool(
+    lambda size: np.empty(size, dtype=np.uint8),
+    min_bytes=2 << 20,
+    max_bytes=256 << 20,
+    max_total=1 << 30,
+)
 
 
 def new_raw(size: int) -> npt.NDArray[np.uint8]:
     """An uninitialised, writable uint8 array of ``size`` bytes: one of the pooled buffers that
-    nobody references any more, or a new one (see :class:`_BufferPool`). Its old contents
+    nobody references any more, or a new one (see :class:`BufferPool`). Its old contents
     are still there: write every byte before reading."""
     return _POOL.take(size)
 
@@ -454,7 +481,7 @@ def new_zeros(shape: tuple[int, ...], dtype: npt.DTypeLike) -> Array:
     2 GB of sums)."""
     wide = np.dtype(dtype)
     size = math.prod(shape) * wide.itemsize
-    if not _POOL_MIN <= size <= _POOL_MAX:
+    if not _POOL.pools(size):
         return np.zeros(shape, dtype=wide)
     out = new_raw(size).view(wide).reshape(shape)
     out.fill(0)

@@ -20,6 +20,7 @@ from common import codec
 from common.codec import (
     SUPPORTED_DTYPES,
     Array,
+    BufferPool,
     ModelSpec,
     TensorSpec,
     check_finite,
@@ -654,6 +655,12 @@ def test_a_large_buffer_nobody_holds_is_handed_out_again_and_one_in_use_is_not()
     del tensor
     third = new_buffer(size)
     assert _address(third) == where
+    # Reused as it is, not a fresh mapping (which the kernel would hand out zeroed).
+    third[-1] = 0xA5
+    del third
+    third = new_buffer(size)
+    assert _address(third) == where
+    assert third[-1] == 0xA5
     # A different size, or a size outside the pooled range, never gets it.
     del third
     assert _address(new_buffer(size + 1)) != where
@@ -681,3 +688,22 @@ def test_pooled_zeros_start_at_zero_in_a_reused_buffer_and_large_ones_stay_lazy(
     # Beyond the pooled sizes: NumPy's own zeros (calloc: pages appear when written).
     big = new_zeros((40 << 20,), np.float64)
     assert big.base is None
+
+
+def test_a_buffer_pool_keeps_its_limits() -> None:
+    # Prepare: at most 2 pooled buffers of 10–100 bytes.
+    pool = BufferPool(bytearray, min_bytes=10, max_bytes=100, max_count=2)
+
+    # Execute: three held at once, then all released.
+    held = [pool.take(50) for _ in range(3)]
+    ids = [id(b) for b in held]
+    del held
+    again = [pool.take(50) for _ in range(3)]
+
+    # Assert: the first two come back, the third was never kept; sizes outside the range are
+    # never pooled.
+    assert [id(b) for b in again[:2]] == ids[:2]
+    assert len(pool._buffers) == 2
+    assert not pool.pools(9)
+    assert not pool.pools(101)
+    assert pool.pools(100)
