@@ -43,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any
 
+from aggregator import outbox
 from aggregator.engine import RoundEngine, RoundResult, RoundResults
 from aggregator.regional import SgLink
 from aggregator.store import RecoveredState, RoundJournal, StoreError
@@ -157,6 +158,10 @@ class AggregatorService:
         self._status_state: AggregatorState | None = None  # the state the last status showed
         self._stopping = asyncio.Event()
         self._model_tasks: set[asyncio.Task[None]] = set()  # large models being handled
+        # Acks wait while more messages do, then go out together (aggregator/outbox.py).
+        self._acks = outbox.AckOutbox(
+            lambda acks: self._require().publish_all(acks), delay=outbox.ACK_DELAY
+        )
         self._persist = (transport is None and config.store) if persist is None else persist
         self._journal: RoundJournal | None = None
         self._failure: StoreError | None = None  # the store failed: the service stops
@@ -309,10 +314,12 @@ class AggregatorService:
                 # A crashed consumer ends the service instead of leaving it deaf.
                 await asyncio.wait([stopping, tasks[0]], return_when=asyncio.FIRST_COMPLETED)
                 self._closing = True
+                await self._acks.drain(timeout=self.config.broker.connect_timeout)
                 with contextlib.suppress(FedhiveError):
                     await self._publish_status()
             finally:
                 stopping.cancel()
+                tasks += self._acks.cancel()
                 for task in [*tasks, *self._model_tasks]:
                     task.cancel()
         # The transport is closed, so every message iterator has ended.
@@ -321,6 +328,7 @@ class AggregatorService:
     async def _consume(self, transport: Transport) -> None:
         async for incoming in transport.messages():
             await self._safely(incoming.topic, self._handle(incoming))
+            self._flush_acks_if_idle()
 
     async def _safely(self, topic: str, work: Coroutine[Any, Any, None]) -> None:
         """Run the handling of a message on ``topic``: what goes wrong is counted and logged,
@@ -361,6 +369,13 @@ class AggregatorService:
             if received.held:
                 self._receiver.release(received)
                 await self._safely(received.topic, self._receiver.admit())
+            self._flush_acks_if_idle()
+
+    def _flush_acks_if_idle(self) -> None:
+        """Send the acks held once no received message waits to be handled (the consumer
+        after each message, a chunked model's task when it is done)."""
+        if not self._require().backlog:
+            self._acks.flush()
 
     def _source(self, topic: str) -> str:
         """Who a message came from, by its topic (what the broker authenticated)."""
@@ -696,13 +711,13 @@ class AggregatorService:
         refusal = self._refusal(m.sender)
         if refusal is not None:
             self.engine.counters.count(AckStatus.REJECTED)
-            await self._ack(m.sender, m.round, AckStatus.REJECTED, refusal[1], m, refusal[0])
+            self._ack(m.sender, m.round, AckStatus.REJECTED, refusal[1], m, refusal[0])
             return
         size = memoryview(received.payload).nbytes
         try:
             tensors = await off_loop(size, self._unpack_local, received.payload)
         except FedhiveError as exc:
-            await self._ack(
+            self._ack(
                 m.sender,
                 m.round,
                 AckStatus.REJECTED,
@@ -725,7 +740,7 @@ class AggregatorService:
             )
             if outcome.status is AckStatus.ACCEPTED and not await self._record_local(received):
                 return  # never acknowledged: the store failed and the service stops
-        await self._ack(m.sender, m.round, outcome.status, outcome.reason, m, kind=outcome.error)
+        self._ack(m.sender, m.round, outcome.status, outcome.reason, m, kind=outcome.error)
         if outcome.status is AckStatus.ACCEPTED:
             log.info(
                 "round %d: model from %s accepted (%d/%d)",
@@ -760,7 +775,7 @@ class AggregatorService:
             )
         except MessageError as exc:
             self.engine.counters.count(AckStatus.REJECTED)
-            await self._ack(
+            self._ack(
                 message.sender,
                 message.round,
                 AckStatus.REJECTED,
@@ -782,7 +797,7 @@ class AggregatorService:
             self._local_sizes = (spec, spec.encoded_size_range())
         return self._local_sizes[1]
 
-    async def _ack(
+    def _ack(
         self,
         agent: str,
         round: int,
@@ -810,11 +825,9 @@ class AggregatorService:
             transfer_id=m.transfer.transfer_id if m.transfer else None,
             refusal=refusal,
         )
-        assert self._transport is not None
-        # Not waiting for the broker's PUBACK: the next upload is taken at once.
-        await self._transport.publish(
-            self.topics.agent_inbox(agent), encode_message(ack), confirm=False
-        )
+        # Held until no other message waits (see AckOutbox), never waiting for the broker's
+        # PUBACK: the next upload is taken at once.
+        self._acks.put(self.topics.agent_inbox(agent), encode_message(ack))
 
     async def _maybe_complete(
         self, *, force: bool = False, wait: bool = True

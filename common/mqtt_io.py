@@ -16,6 +16,8 @@ state machine, callbacks and session logic and replaces only the byte moving:
   read queues (the PUBACKs of the messages it brought) is written when the read is done, in
   one ``sendmsg``, instead of through a writer registered for the next turn of the event loop
   (two ``epoll_ctl`` calls and a loop turn per message);
+* :meth:`LeanPahoClient.held_writes` writes what is published inside it together, in one
+  ``sendmsg`` (the aggregator's acknowledgements of a round's uploads);
 * a plain PUBACK (success, no properties: nearly all of them) confirms its publish without
   paho's decoder and its new reason-code and properties objects, and a message goes straight
   to ``on_message`` when no per-topic callbacks are registered.
@@ -43,6 +45,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +202,8 @@ class LeanPahoClient(mqtt.Client):
         self._writing = False
         #: Inside loop_read: what handling the packets queues is written once it is done.
         self._reading = False
+        #: Inside held_writes: what is queued is written when it ends.
+        self._holding = False
         self._pool = BufferPool(bytearray, min_bytes=POOL_MIN_BYTES, max_count=POOL_BUFFERS)
         self._rbuf = bytearray(READ_BUFFER)
         self._rview = memoryview(self._rbuf)
@@ -624,8 +629,8 @@ class LeanPahoClient(mqtt.Client):
             with contextlib.suppress(BlockingIOError):
                 self._sockpairW.send(b"0")
         on_loop = threading.get_ident() == self._loop_thread
-        if on_loop and self._reading:
-            return MQTTErrorCode.MQTT_ERR_SUCCESS  # written when loop_read is done
+        if on_loop and (self._reading or self._holding):
+            return MQTTErrorCode.MQTT_ERR_SUCCESS  # written when loop_read or the hold is done
         if (
             self._sock is not None
             and not self._writing
@@ -649,6 +654,23 @@ class LeanPahoClient(mqtt.Client):
             return self.loop_write()
         self._call_socket_register_write()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    @contextlib.contextmanager
+    def held_writes(self) -> Iterator[None]:
+        """Packets queued inside (on the event loop's thread) are written together when it
+        ends, in one ``sendmsg`` where the socket takes them all, instead of one write each.
+        What was queued is written even if the block fails. Off the loop's thread, or nested,
+        it changes nothing."""
+        if threading.get_ident() != self._loop_thread or self._holding:
+            yield
+            return
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+            if self._out_packet and not self._writing and not self._reading:
+                self.loop_write()
 
     def _packet_write(self) -> MQTTErrorCode:
         self._writing = True

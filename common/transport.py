@@ -41,7 +41,7 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import TracebackType
@@ -221,6 +221,19 @@ class Transport(ABC):
         whose sender goes on at once (acknowledgements, statuses): waiting for every PUBACK
         costs a round trip to a broker that may be busy fanning out a model."""
 
+    async def publish_all(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """Publish several QoS 1 messages as ``publish(topic, payload, confirm=False)`` does,
+        in order. The MQTT transport writes them to the socket together: one write and one
+        wake-up of the broker instead of one per message, for as many as its in-flight window
+        (``max_inflight``) takes; the rest go out as the broker confirms earlier ones."""
+        for topic, payload in messages:
+            await self.publish(topic, payload, confirm=False)
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet taken from :meth:`messages`."""
+        return 0
+
     @abstractmethod
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
         """Subscribe now and after every reconnect."""
@@ -388,6 +401,21 @@ class _Confirmation:
     def set(self) -> None:
         if not self.future.done():
             self.future.set_result(None)
+
+
+@contextlib.contextmanager
+def _publish_errors(topic: str) -> Iterator[None]:
+    """aiomqtt's and paho's publish errors as TransportError naming ``topic``."""
+    try:
+        yield
+    except aiomqtt.MqttCodeError as exc:
+        if isinstance(exc.rc, ReasonCode) and exc.rc.is_failure:
+            raise TransportError(f"publish to {topic} refused by the broker: {exc}") from exc
+        raise TransportError(f"publish to {topic} failed: {exc}") from exc
+    except aiomqtt.MqttError as exc:
+        raise TransportError(f"publish to {topic} failed: {exc}") from exc
+    except ValueError as exc:  # paho: payload too large
+        raise TransportError(f"publish to {topic} refused: {exc}") from exc
 
 
 def _tls_context(settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -704,16 +732,8 @@ class MqttTransport(Transport):
         response_topic: str | None = None,
         confirm: bool = True,
     ) -> None:
-        # Fixed header, topic and properties need a few bytes beyond the payload.
-        if len(payload) + len(topic) + 64 > self._settings.max_packet_size:
-            raise TransportError(
-                f"publish to {topic} refused: {len(payload)} bytes exceed the broker's "
-                f"max_packet_size {self._settings.max_packet_size}; send it in chunks"
-            )
-        await self.wait_connected(self._settings.connect_timeout * 3)
-        client = self._client
-        if client is None:
-            raise TransportError("connection lost before publishing")
+        self._check_size(topic, payload)
+        client = await self._connected_client()
         props = None
         if correlation is not None or response_topic is not None:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -721,18 +741,40 @@ class MqttTransport(Transport):
                 props.CorrelationData = correlation
             if response_topic is not None:
                 props.ResponseTopic = response_topic
-        try:
+        with _publish_errors(topic):
             await client.publish(
                 topic, payload, qos=qos, retain=retain, properties=props, confirm=confirm
             )
-        except aiomqtt.MqttCodeError as exc:
-            if isinstance(exc.rc, ReasonCode) and exc.rc.is_failure:
-                raise TransportError(f"publish to {topic} refused by the broker: {exc}") from exc
-            raise TransportError(f"publish to {topic} failed: {exc}") from exc
-        except aiomqtt.MqttError as exc:
-            raise TransportError(f"publish to {topic} failed: {exc}") from exc
-        except ValueError as exc:  # paho: payload too large
-            raise TransportError(f"publish to {topic} refused: {exc}") from exc
+
+    async def publish_all(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for topic, payload in messages:
+            self._check_size(topic, payload)
+        client = await self._connected_client()
+        lean = client._client
+        with lean.held_writes() if isinstance(lean, LeanPahoClient) else contextlib.nullcontext():
+            for topic, payload in messages:
+                with _publish_errors(topic):
+                    # Unconfirmed: queued without suspending, written when the hold ends.
+                    await client.publish(topic, payload, qos=1, confirm=False)
+
+    def _check_size(self, topic: str, payload: bytes | bytearray | Segments) -> None:
+        # Fixed header, topic and properties need a few bytes beyond the payload.
+        if len(payload) + len(topic) + 64 > self._settings.max_packet_size:
+            raise TransportError(
+                f"publish to {topic} refused: {len(payload)} bytes exceed the broker's "
+                f"max_packet_size {self._settings.max_packet_size}; send it in chunks"
+            )
+
+    async def _connected_client(self) -> _AckCheckingClient:
+        await self.wait_connected(self._settings.connect_timeout * 3)
+        client = self._client
+        if client is None:
+            raise TransportError("connection lost before publishing")
+        return client
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize() + len(self._express)
 
     async def subscribe(self, *topics: str, qos: int = 1) -> None:
         for topic in topics:
@@ -836,6 +878,10 @@ class InMemoryTransport(Transport):
             for msg in list(self._bus.retained.values()):
                 if topic_matches_sub(topic, msg.topic):
                     self._queue.put_nowait(_Queued(msg))
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
 
     def messages(self) -> AsyncIterator[Incoming]:
         return _QueueIterator(self._queue)

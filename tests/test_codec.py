@@ -621,6 +621,33 @@ def test_check_finite_scans_across_blocks(monkeypatch: pytest.MonkeyPatch) -> No
         check_finite({"w": array})
 
 
+def test_the_squares_check_reads_a_large_tensor_in_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: BLAS dot products of at most 8 elements; their sizes are recorded. NumPy holds
+    # the GIL for a whole dot product: one over a 200 MB model stalled a thread beside it.
+    monkeypatch.setattr(codec, "_DOT_BLOCK", 8)
+    sizes: list[int] = []
+    dot = np.dot
+
+    def recording(a: Array, b: Array) -> Any:
+        sizes.append(a.shape[0])
+        return dot(a, b)
+
+    monkeypatch.setattr(np, "dot", recording)
+    array = np.ones(30, dtype=np.float32)
+
+    # Execute: a finite tensor, then one with Inf in its last piece.
+    codec.check_finite({"w": array})
+    whole = list(sizes)
+    array[29] = np.inf
+    with pytest.raises(InvalidModelError, match=r"at index \(29,\)"):
+        codec.check_finite({"w": array})
+
+    # Assert: four pieces of at most 8 elements, and the Inf in the last one was found.
+    assert whole == [8, 8, 8, 6]
+    assert codec.all_finite(np.ones(30, dtype=np.float32))
+    assert not codec.all_finite(array)
+
+
 def test_check_finite_accepts_finite_and_ignores_integers() -> None:
     # Prepare
     tensors = {

@@ -10,7 +10,7 @@ import functools
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,10 @@ from support import (
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat
 from agent.client import BasicClient, LoopThread
 from agent.control import ControlClient
+from aggregator import outbox
 from aggregator.service import AggregatorService
 from broker.process import MosquittoBroker
+from common.chunking import iter_chunk_frames
 from common.codec import Array, encode
 from common.config import AggregatorConfig, BrokerSettings
 from common.errors import (
@@ -43,6 +45,7 @@ from common.errors import (
     RejectedError,
     TrainingFinishedError,
 )
+from common.exchange import prepare_model_message
 from common.messages import (
     AckMessage,
     AckStatus,
@@ -1018,3 +1021,72 @@ async def test_fast_rounds_share_a_status_per_tick_and_a_new_state_goes_out_at_o
     active_rounds = [s.round for s in statuses if s.state is AggregatorState.ACTIVE]
     assert not set(active_rounds) & {2, 3, 4, 5, 6}, active_rounds
     assert (statuses[-1].state, statuses[-1].model_round) == (AggregatorState.FINISHED, 6)
+
+
+class BatchRecorder(InMemoryTransport):
+    """An aggregator's transport that records what it publishes together (``publish_all``)."""
+
+    def __init__(self, *, bus: InMemoryBus) -> None:
+        super().__init__(bus=bus)
+        self.batches: list[list[str]] = []
+
+    async def publish_all(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        self.batches.append([topic for topic, _ in messages])
+        await super().publish_all(messages)
+
+
+async def test_acks_wait_while_uploads_wait_then_go_out_together() -> None:
+    # Prepare: four agents online (threshold 1.0: three uploads leave the round open), model 0
+    # out; the aggregator's batched publishes are recorded.
+    bus = InMemoryBus()
+    topics = Topics("mem")
+    recorder = BatchRecorder(bus=bus)
+    config = AggregatorConfig(name="a1", project="mem", monitor_interval=0.05)
+    async with peer_on(bus, "mem") as peer, serving(config, bus, transport=recorder, persist=False):
+        await peer.online("w", "x", "y", "z")
+        await peer.base(base_model())
+        await peer.until(lambda: len(peer.on(topics.agg_model("a1"))) == 1, "model 0")
+
+        # Execute: three uploads reach the aggregator before it takes the first (the
+        # in-memory bus delivers each without a turn of the event loop).
+        for agent in ("x", "y", "z"):
+            await peer.local(agent, 1, plus(1.0), 1.0)
+        await peer.until(lambda: all(peer.acks(a) for a in "xyz"), "three acks")
+
+    # Assert: no ack went out while uploads waited; the three went out in one batch.
+    assert [peer.acks(a) for a in "xyz"] == [[AckStatus.ACCEPTED]] * 3
+    assert recorder.batches == [[topics.agent_inbox(a) for a in ("x", "y", "z")]]
+
+
+async def test_the_ack_of_a_chunked_upload_goes_out_once_it_is_handled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: acks would wait a minute for others; models of 8 KB travel in 1 KB chunks; two
+    # agents online, so x's upload leaves the round open.
+    monkeypatch.setattr(outbox, "ACK_DELAY", 60.0)
+    bus = InMemoryBus()
+    topics = Topics("mem")
+    config = AggregatorConfig(name="a1", project="mem", broker=BrokerSettings(chunk_size=1024))
+    big = {"w": np.zeros(2048, dtype=np.float32)}
+    async with peer_on(bus, "mem") as peer, serving(config, bus, persist=False):
+        await peer.online("x", "y")
+        await peer.base(big)
+        await peer.until(lambda: len(peer.on(topics.agg_model("a1"))) == 1, "model 0")
+
+        # Execute: x's upload as an envelope and its chunks (handled beside the consumer).
+        payload = encode({"w": big["w"] + 1})
+        message, manifest = prepare_model_message(
+            payload, chunk_size=1024, project="mem", sender="x", kind=ModelKind.LOCAL,
+            round=1, num_samples=1.0, metrics={},
+        )  # fmt: skip
+        assert manifest is not None
+        assert manifest.count == 9
+        topic = topics.agg_local("a1", "x")
+        await peer.transport.publish(topic, encode_message(message))
+        for frame in iter_chunk_frames(payload, manifest):
+            await peer.transport.publish(Topics.chunks(topic), frame)
+
+        # Assert: the ack came once the model was folded, not after the delay (no other
+        # message came that would have sent it).
+        await peer.until(lambda: bool(peer.acks("x")), "x's ack")
+    assert peer.acks("x") == [AckStatus.ACCEPTED]

@@ -15,6 +15,7 @@ from support import ROOT, broker_settings, python_env
 from broker.process import MosquittoBroker, find_free_port
 from common.config import BrokerSettings
 from common.errors import NotConnectedError, TransportError
+from common.mqtt_io import LeanPahoClient
 from common.transport import Incoming, MqttTransport
 
 pytestmark = pytest.mark.broker
@@ -226,3 +227,77 @@ async def test_a_plain_puback_confirms_a_publish_without_pahos_decoder(
     # Assert: every publish was confirmed through the lean path (a decode would have broken
     # the connection and timed the publish out).
     assert got == [b"%d" % i for i in range(10, 20)]
+
+
+async def test_publish_all_writes_its_messages_together(
+    mosquitto: MosquittoBroker, project_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a receiver on as many inboxes as the sender may have QoS 1 publishes in
+    # flight (more wait for the broker's PUBACKs); the sender's writes to its socket are counted.
+    root = f"fedhive/v1/{project_name}/agents"
+    settings = broker_settings(mosquitto)
+    messages = [(f"{root}/agent{i}/inbox", b"ack %d" % i) for i in range(settings.max_inflight)]
+    async with (
+        MqttTransport(settings=settings) as receiver,
+        MqttTransport(settings=settings) as sender,
+    ):
+        await receiver.subscribe(f"{root}/+/inbox")
+        await sender.publish(f"{root}/warm/inbox", b"first")  # connected, subscription live
+        assert (await _next(receiver)).payload == b"first"
+        fd = sender._client._client.socket().fileno()  # type: ignore[union-attr]
+        writes: list[int] = []
+        sendmsg = socket.socket.sendmsg
+
+        def counting(sock: socket.socket, buffers: list[bytes], *args: object) -> int:
+            if sock.fileno() == fd:
+                writes.append(len(buffers))
+            return sendmsg(sock, buffers, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(socket.socket, "sendmsg", counting)
+
+        # Execute: the messages published as one batch.
+        await sender.publish_all(messages)
+        monkeypatch.undo()
+        got = [await _next(receiver) for _ in messages]
+
+        # A batch with a payload the broker would refuse is refused.
+        too_big = b"x" * settings.max_packet_size
+        with pytest.raises(TransportError, match="exceed the broker's max_packet_size"):
+            await sender.publish_all([(f"{root}/a/inbox", b"ok"), (f"{root}/b/inbox", too_big)])
+
+    # Assert: every message arrived, in order, and their PUBLISH packets (header and payload
+    # each) went to the socket in one write.
+    assert [(m.topic, m.payload) for m in got] == messages
+    assert writes == [2 * len(messages)]
+
+
+async def test_what_a_failed_batch_queued_before_failing_still_goes_out(
+    mosquitto: MosquittoBroker, project_name: str
+) -> None:
+    # Prepare: a receiver on one inbox.
+    topic = f"fedhive/v1/{project_name}/agents/a/inbox"
+    settings = broker_settings(mosquitto)
+    async with (
+        MqttTransport(settings=settings) as receiver,
+        MqttTransport(settings=settings) as sender,
+    ):
+        await receiver.subscribe(topic)
+        await sender.publish(topic, b"first")  # connected, subscription live
+        assert (await _next(receiver)).payload == b"first"
+        client = sender._client
+        assert client is not None
+        lean = client._client
+        assert isinstance(lean, LeanPahoClient)
+
+        async def failing_batch() -> None:
+            with lean.held_writes():
+                await client.publish(topic, b"queued", qos=1, confirm=False)
+                raise RuntimeError("the batch failed")
+
+        # Execute: a batch that queues one message, then fails.
+        with pytest.raises(RuntimeError, match="the batch failed"):
+            await failing_batch()
+
+        # Assert: the queued message was written anyway (nothing else would write it: the
+        # sender neither reads nor publishes again).
+        assert (await _next(receiver)).payload == b"queued"

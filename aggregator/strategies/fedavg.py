@@ -22,8 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from aggregator.strategies.base import RoundAccumulator, Strategy, check_weight, round_back
-from aggregator.strategies.kernels import all_finite
-from common.codec import Array, Tensors, dtype_name, frame_of, new_frame, new_zeros
+from common.codec import Array, Tensors, all_finite, dtype_name, frame_of, new_frame, new_zeros
 from common.errors import InvalidModelError, ModelMismatchError, StrategyError
 
 _GROUP = 8

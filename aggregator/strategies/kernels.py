@@ -28,7 +28,6 @@ Rows = Sequence[Array]
 
 # Slabs of about this size stay in L2/L3 and are big enough for BLAS to run at full speed.
 _SLAB_BYTES = 8 << 20
-_FINITE_BLOCK = 1 << 16
 
 
 def chunk_len(n: int, itemsize: int, slab_bytes: int = _SLAB_BYTES) -> int:
@@ -40,23 +39,6 @@ def _length(rows: Rows) -> int:
     if not rows:
         raise StrategyError("no model to aggregate")
     return int(rows[0].shape[0])
-
-
-def all_finite(x: Array) -> bool:
-    """True when no element of ``x`` is NaN or ±Inf (integers always are)."""
-    if x.dtype.kind in "iub":
-        return True
-    flat = x.reshape(-1)
-    if flat.dtype in (np.float32, np.float64):
-        # A dot product of x with itself is finite iff every element is, unless the squares
-        # overflow; BLAS reads x at full memory speed and allocates nothing.
-        with np.errstate(over="ignore", invalid="ignore"):
-            if np.isfinite(np.dot(flat, flat)):
-                return True
-    return all(
-        bool(np.isfinite(flat[s : s + _FINITE_BLOCK]).all())
-        for s in range(0, flat.shape[0], _FINITE_BLOCK)
-    )
 
 
 # --------------------------------------------------------------------------- weights

@@ -18,9 +18,8 @@ import numpy as np
 
 from aggregator.strategies.base import RoundAccumulator, Strategy, is_float, round_back
 from aggregator.strategies.fedavg import FedAvgAccumulator
-from aggregator.strategies.kernels import all_finite
 from aggregator.strategies.params import float_setting, fraction_setting
-from common.codec import Array, Tensors
+from common.codec import Array, Tensors, all_finite
 from common.errors import StrategyError
 
 State = dict[str, Array]
