@@ -36,7 +36,7 @@ from typing import Any
 import blake3
 import numpy as np
 
-from common.codec import Buffer, Segments, new_buffer
+from common.codec import Buffer, Segments, new_buffer, prefault
 from common.errors import ConfigError, FrameError
 
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -237,6 +237,7 @@ class Reassembler:
         self._buffer = new_buffer(manifest.total_bytes)
         self._view: memoryview | None = self._buffer
         self._array = np.frombuffer(self._buffer, dtype=np.uint8)
+        prefault(self._array)  # its pages come in ahead of the chunks, off the event loop
         self._have = np.zeros(manifest.count, dtype=np.bool_)
         self._received = 0
         self._verified = False

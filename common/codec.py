@@ -21,11 +21,14 @@ already live in a frame made by :func:`new_frame` (an aggregate written straight
 
 from __future__ import annotations
 
+import ctypes
 import math
+import mmap
 import struct
 import sys
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -497,6 +500,64 @@ def new_buffer(size: int) -> memoryview:
     large sizes, no zero fill, pooled: :func:`new_raw`): what frames and reassembly buffers
     are made of."""
     return new_raw(size).data
+
+
+#: madvise(2) advice (Linux 5.14 and later): fault a range in, writable, leaving its bytes as
+#: they are. Python 3.11's mmap module does not name it.
+_MADV_POPULATE_WRITE = 23
+#: Buffers at least this large are worth faulting in ahead of their first writes.
+PREFAULT_BYTES = 16 << 20
+#: Bytes faulted in per madvise call: the kernel holds the process's memory-map lock for a
+#: call, and a thread that maps memory meanwhile (any large malloc) waits for it.
+PREFAULT_STEP = 2 << 20
+
+
+def _find_madvise() -> Callable[[int, int, int], int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # CDLL: the GIL is released during calls
+        madvise = libc.madvise
+    except (OSError, AttributeError):  # pragma: no cover - not a Unix libc
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_madvise = _find_madvise() if sys.platform == "linux" else None
+_prefaulter: ThreadPoolExecutor | None = None
+_prefaulter_lock = threading.Lock()
+
+
+def _populate(array: npt.NDArray[np.uint8]) -> bool:
+    """Fault in the whole pages of ``array``, PREFAULT_STEP bytes at a time (False: the kernel
+    cannot)."""
+    assert _madvise is not None
+    page = mmap.PAGESIZE
+    start = -(-array.ctypes.data // page) * page
+    end = (array.ctypes.data + array.nbytes) // page * page
+    for at in range(start, end, PREFAULT_STEP):
+        if _madvise(at, min(PREFAULT_STEP, end - at), _MADV_POPULATE_WRITE) != 0:
+            return False
+    return True
+
+
+def prefault(array: npt.NDArray[np.uint8]) -> Future[bool] | None:
+    """Start faulting in the pages of a large buffer in a background thread, so that whoever
+    writes it first (a reassembler storing chunks on the event loop) does not stop for it.
+
+    The first write to memory a process has not used before costs far more than the copy: on
+    this project's 2-core VM, 4 ms per MiB (against 0.2 ms per MiB into pages already there:
+    the hypervisor backs guest memory when it is first touched), so a new 200 MB reassembly
+    buffer held the event loop ~5 ms per chunk. MADV_POPULATE_WRITE does not change the bytes,
+    so chunks may be stored while it runs; pages already there cost nothing. A no-op (None)
+    for small buffers and where the kernel has no such advice."""
+    global _prefaulter
+    if _madvise is None or array.nbytes < PREFAULT_BYTES:
+        return None
+    with _prefaulter_lock:
+        if _prefaulter is None:
+            _prefaulter = ThreadPoolExecutor(1, thread_name_prefix="fedhive-prefault")
+    return _prefaulter.submit(_populate, array)
 
 
 def _frame_plan(specs: list[tuple[str, str, tuple[int, ...]]], meta: Mapping[str, Any]) -> _Plan:

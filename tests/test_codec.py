@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import struct
 import tracemalloc
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -734,3 +736,37 @@ def test_a_buffer_pool_keeps_its_limits() -> None:
     assert not pool.pools(9)
     assert not pool.pools(101)
     assert pool.pools(100)
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(codec._madvise is None, reason="no madvise(2) here")
+def test_prefault_brings_a_new_buffers_pages_in_without_changing_its_bytes() -> None:
+    # Prepare: 64 MiB of new memory (a fresh mapping: no pages yet) with bytes written at both
+    # ends and in the middle, as chunks stored before the background thread gets there would be.
+    size = 64 << 20
+    mapping = mmap.mmap(-1, size)
+    array = np.frombuffer(mapping, dtype=np.uint8)
+    marks = {0: 7, size // 2: 11, size - 1: 13}
+    for at, value in marks.items():
+        array[at] = value
+    before = _rss_bytes()
+
+    # Execute
+    future = codec.prefault(array)
+    assert future is not None
+    populated = future.result(timeout=60)
+
+    # Assert: the pages are resident now (unless the kernel has no MADV_POPULATE_WRITE), and
+    # what was written is still there.
+    if populated:
+        assert _rss_bytes() - before >= size * 3 // 4
+    assert {at: int(array[at]) for at in marks} == marks
+    assert codec.prefault(np.empty(codec.PREFAULT_BYTES - 1, dtype=np.uint8)) is None
+    del array
+    mapping.close()
