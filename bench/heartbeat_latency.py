@@ -39,8 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from agent.admin import AdminAgent, BaseModel, BaseModelConvFormat  # noqa: E402
 from agent.client import LoopThread  # noqa: E402
-from agent.session import AgentSession  # noqa: E402
 from aggregator.service import AggregatorService  # noqa: E402
+from bench.round_overhead import _agent as trainer_agent  # noqa: E402
 from broker.process import MosquittoBroker  # noqa: E402
 from common.config import AgentConfig, AggregatorConfig, BrokerSettings  # noqa: E402
 from common.messages import (  # noqa: E402
@@ -57,24 +57,6 @@ PROJECT, AGGREGATOR = "hbbench", "aggr1"
 GAP = 0.25
 #: Shorter bursts (seconds) are stray re-sends, not a model streaming.
 STREAM = 0.05
-
-
-async def _trainer(config: AgentConfig, rounds: int) -> None:
-    async with AgentSession(config=config) as session:
-        after: int | None = None
-        for _ in range(rounds):
-            model = await session.wait_model(after=after, timeout=600)
-            after = model.round
-            local = {k: v + np.float32(1e-3) for k, v in model.tensors.items()}
-            await session.submit(
-                local,
-                round=model.round + 1,
-                num_samples=1.0,
-                metrics={},
-                framework="numpy",
-                ack_timeout=600,
-            )
-        await session.wait_model(after=after, timeout=600)
 
 
 def _bursts(times: list[float]) -> list[tuple[float, float]]:
@@ -281,7 +263,7 @@ def main() -> None:
             aggregator=AGGREGATOR,
             heartbeat_interval=5.0,
         )
-        asyncio.run(_trainer(config, args.rounds))
+        asyncio.run(trainer_agent(config, args.rounds))  # adds a tiny delta
         return
     if args.role == "admin":
         AdminAgent(
