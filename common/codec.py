@@ -546,11 +546,12 @@ def prefault(array: npt.NDArray[np.uint8]) -> Future[bool] | None:
     writes it first (a reassembler storing chunks on the event loop) does not stop for it.
 
     The first write to memory a process has not used before costs far more than the copy: on
-    this project's 2-core VM, 4 ms per MiB (against 0.2 ms per MiB into pages already there:
-    the hypervisor backs guest memory when it is first touched), so a new 200 MB reassembly
+    this project's 2-core VM, 4 ms per MiB (against 0.2 ms per MiB into pages already there;
+    likely the hypervisor backing guest memory on first touch), so a new 200 MB reassembly
     buffer held the event loop ~5 ms per chunk. MADV_POPULATE_WRITE does not change the bytes,
-    so chunks may be stored while it runs; pages already there cost nothing. A no-op (None)
-    for small buffers and where the kernel has no such advice."""
+    so chunks may be stored while it runs; pages already there cost nothing. None for small
+    buffers and where libc has no madvise; the future's result is False where the kernel does
+    not know the advice (before Linux 5.14)."""
     global _prefaulter
     if _madvise is None or array.nbytes < PREFAULT_BYTES:
         return None
