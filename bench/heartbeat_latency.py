@@ -85,19 +85,17 @@ def _figures(waits: list[float]) -> dict[str, float | int]:
 
 class _Recorder:
     """Times of heartbeats handled and chunk frames received and published by the aggregator
-    (written on its loop thread, read once it is done)."""
+    (appended on its loop thread only, read once it is done: no lock needed)."""
 
     def __init__(self, service: AggregatorService) -> None:
         self.handled: list[tuple[float, float]] = []  # (sent, handled)
         self.received: list[float] = []
         self.published: list[float] = []
-        self._lock = threading.Lock()
         handle, receive = service._on_heartbeat, service._receiver.chunk
 
         async def on_heartbeat(message: HeartbeatMessage) -> None:
             if message.sender == "beat":  # not the trainer's own
-                with self._lock:
-                    self.handled.append((message.ts, time.time()))
+                self.handled.append((message.ts, time.time()))
             await handle(message)
 
         def on_chunk(payload: Any, **kwargs: Any) -> Any:
