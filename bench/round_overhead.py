@@ -217,7 +217,7 @@ def main() -> None:
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base = _base(args.params)
-    model_bytes = encode_frame(base).nbytes
+    model_bytes = memoryview(encode_frame(base)).nbytes
     update_bytes = memoryview(pack_update(base, args.compression)).nbytes
     with tempfile.TemporaryDirectory(prefix="fedhive-bench-") as tmp:
         work = Path(tmp)
