@@ -21,6 +21,7 @@ lint: setup
 
 typecheck: setup
 	$(BIN)/mypy
+	$(BIN)/mypy --explicit-package-bases bench
 
 check: lint typecheck
 
