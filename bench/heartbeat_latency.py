@@ -14,7 +14,8 @@ same process). ``upload`` and ``publication`` are the heartbeats sent while the 
 arrived at the aggregator and while the aggregator published the new model's chunks; ``all``
 is every heartbeat from the base's upload to the trainer's exit. Most of a wait is queueing:
 the broker sends a client's messages in order, so a heartbeat waits behind the chunks already
-on their way on the aggregator's connection (the receive window bounds them).
+on their way on the aggregator's connection (for a pulled upload the receiver's window bounds
+them; the admin's base, pushed, is not bounded).
 """
 
 from __future__ import annotations
